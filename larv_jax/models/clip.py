@@ -1,0 +1,228 @@
+"""CLIP in Flax linen: vision and text towers with stacked (``nn.scan``) encoder blocks.
+
+Parameter names follow scenic's CLIP (OpenAI naming: ``conv1``, ``ln_pre``, ``transformer/resblocks``,
+``ln_1``, ``attn``, ``mlp/c_fc``, ``mlp/c_proj``, ``ln_post``, ``proj``), with attention split into
+``query``/``key``/``value``/``out`` 2-D Dense layers so that every weight is one matrix. The blocks of
+a tower are one stacked subtree with the block axis first (``[B, ...]``). See ``larv_jax/tree.py``
+for layouts and ``larv_jax/checkpoint/table.py`` for the mapping to Hugging Face names.
+
+Images are NHWC, already CLIP-normalised. Outputs match ``transformers.CLIPModel``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from larv_jax.models.config import CLIPConfig, TextConfig, TowerConfig, VisionConfig
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown hidden_act {name!r}; valid: {sorted(ACTIVATIONS)}") from None
+
+
+class Attention(nn.Module):
+    cfg: TowerConfig
+    causal: bool
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        h = self.cfg.heads
+        dense = lambda name: nn.Dense(d, dtype=self.dtype, precision=self.precision, name=name)  # noqa: E731
+        q = dense("query")(x).reshape(b, t, h, d // h)
+        k = dense("key")(x).reshape(b, t, h, d // h)
+        v = dense("value")(x).reshape(b, t, h, d // h)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision) * (d // h) ** -0.5
+        if self.causal:
+            mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=self.precision).reshape(b, t, d)
+        return dense("out")(y)
+
+
+class ResidualAttentionBlock(nn.Module):
+    cfg: TowerConfig
+    causal: bool
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        cfg = self.cfg
+        ln = lambda name: nn.LayerNorm(epsilon=cfg.eps, dtype=self.dtype, name=name)  # noqa: E731
+        x = x + Attention(cfg, self.causal, self.dtype, self.precision, name="attn")(ln("ln_1")(x))
+        y = ln("ln_2")(x)
+        y = MLP(cfg, self.dtype, self.precision, name="mlp")(y)
+        return x + y, None
+
+
+class MLP(nn.Module):
+    cfg: TowerConfig
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.cfg.mlp_dim, dtype=self.dtype, precision=self.precision, name="c_fc")(x)
+        x = activation(self.cfg.act)(x)
+        return nn.Dense(self.cfg.width, dtype=self.dtype, precision=self.precision, name="c_proj")(x)
+
+
+class Transformer(nn.Module):
+    """``cfg.layers`` blocks run with ``nn.scan``: params are stacked under ``resblocks``."""
+
+    cfg: TowerConfig
+    causal: bool
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        stack = nn.scan(ResidualAttentionBlock, variable_axes={"params": 0},
+                        split_rngs={"params": True}, length=self.cfg.layers)
+        x, _ = stack(self.cfg, self.causal, self.dtype, self.precision, name="resblocks")(x, None)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    cfg: VisionConfig
+    embed_dim: int | None = None
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+        """images ``[N, H, W, C]`` -> ``{"pooled": [N, D], "embeds": [N, E]?, "tokens": [N, T, D]}``."""
+        cfg = self.cfg
+        if images.ndim != 4 or images.shape[-1] != cfg.channels:
+            raise ValueError(f"images must be [N, H, W, {cfg.channels}] (NHWC); got {images.shape}")
+        x = nn.Conv(cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
+                    padding="VALID", use_bias=False, dtype=self.dtype, precision=self.precision,
+                    name="conv1")(images.astype(self.dtype))
+        n = x.shape[0]
+        x = x.reshape(n, -1, cfg.width)
+        init = nn.initializers.normal(cfg.width ** -0.5)
+        cls = self.param("class_embedding", init, (cfg.width,))
+        pos = self.param("positional_embedding", init, (cfg.num_positions, cfg.width))
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (n, 1, cfg.width)), x], axis=1)
+        if x.shape[1] != cfg.num_positions:
+            raise ValueError(f"image size {images.shape[1:3]} gives {x.shape[1]} tokens; the model "
+                             f"expects {cfg.num_positions} ({cfg.image_size}px)")
+        x = x + pos.astype(self.dtype)
+        x = nn.LayerNorm(epsilon=cfg.eps, dtype=self.dtype, name="ln_pre")(x)
+        x = Transformer(cfg, False, self.dtype, self.precision, name="transformer")(x)
+        pooled = nn.LayerNorm(epsilon=cfg.eps, dtype=self.dtype, name="ln_post")(x[:, 0])
+        out = {"tokens": x, "pooled": pooled}
+        if self.embed_dim is not None:
+            out["embeds"] = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                                     precision=self.precision, name="proj")(pooled)
+        return out
+
+
+class TextTransformer(nn.Module):
+    cfg: TextConfig
+    embed_dim: int | None = None
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> dict[str, jax.Array]:
+        """input_ids ``[N, T]`` (T <= context) -> ``{"pooled": [N, D], "embeds": [N, E]?}``.
+
+        Pools at the first ``eos_token_id`` (the highest id when ``eos_token_id == 2``, the legacy
+        OpenAI configs, as transformers does). Padding after EOS cannot reach the pooled token
+        through the causal mask, so no padding mask is needed.
+        """
+        cfg = self.cfg
+        t = input_ids.shape[1]
+        if t > cfg.context_length:
+            raise ValueError(f"text length {t} exceeds context_length {cfg.context_length}")
+        x = nn.Embed(cfg.vocab_size, cfg.width, dtype=self.dtype, name="token_embedding")(input_ids)
+        pos = self.param("positional_embedding", nn.initializers.normal(0.01),
+                         (cfg.context_length, cfg.width))
+        x = x + pos[:t].astype(self.dtype)
+        x = Transformer(cfg, True, self.dtype, self.precision, name="transformer")(x)
+        x = nn.LayerNorm(epsilon=cfg.eps, dtype=self.dtype, name="ln_final")(x)
+        if cfg.eos_token_id == 2:
+            idx = jnp.argmax(input_ids, axis=-1)
+        else:
+            idx = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
+        pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+        out = {"pooled": pooled}
+        if self.embed_dim is not None:
+            out["embeds"] = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                                     precision=self.precision, name="proj")(pooled)
+        return out
+
+
+class CLIP(nn.Module):
+    """CLIP; with ``config.text is None`` a vision tower only (``CLIPVisionModel``)."""
+
+    config: CLIPConfig
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    def setup(self):
+        cfg = self.config
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, self.dtype, self.precision)
+        if cfg.text is not None:
+            self.text = TextTransformer(cfg.text, cfg.embed_dim, self.dtype, self.precision)
+            if cfg.embed_dim is not None:
+                self.logit_scale = self.param(
+                    "logit_scale", nn.initializers.constant(cfg.logit_scale_init), ())
+
+    def encode_image(self, images: jax.Array) -> dict[str, jax.Array]:
+        return self.visual(images)
+
+    def encode_text(self, input_ids: jax.Array) -> dict[str, jax.Array]:
+        return self.text(input_ids)
+
+    def __call__(self, images: jax.Array | None = None,
+                 input_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+        out: dict[str, jax.Array] = {}
+        if images is not None:
+            out.update({f"image_{k}": v for k, v in self.visual(images).items()})
+        if input_ids is not None and self.config.text is not None:
+            out.update({f"text_{k}": v for k, v in self.text(input_ids).items()})
+        if "image_embeds" in out and "text_embeds" in out:
+            img = out["image_embeds"] / jnp.linalg.norm(out["image_embeds"], axis=-1, keepdims=True)
+            txt = out["text_embeds"] / jnp.linalg.norm(out["text_embeds"], axis=-1, keepdims=True)
+            out["logits_per_image"] = jnp.exp(self.logit_scale) * img @ txt.T
+        return out
+
+
+def init_params(config: CLIPConfig, seed: int = 0) -> dict[str, Any]:
+    """Random parameters (the ``"params"`` collection) for ``config``; shapes only matter."""
+    v = config.vision
+    images = jnp.zeros((1, v.image_size, v.image_size, v.channels), jnp.float32)
+    ids = None
+    if config.text is not None:
+        ids = jnp.zeros((1, config.text.context_length), jnp.int32)
+    return CLIP(config).init(jax.random.PRNGKey(seed), images, ids)["params"]
+
+
+def abstract_params(config: CLIPConfig) -> dict[str, Any]:
+    """``jax.ShapeDtypeStruct`` tree of the parameters, without allocating them."""
+    return jax.eval_shape(lambda: init_params(config))

@@ -1,0 +1,185 @@
+"""CLIP architecture configs: presets for ViT-B/32, B/16, L/14 and any Hugging Face ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    act: str = "quick_gelu"
+    eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(TowerConfig):
+    image_size: int = 224
+    patch_size: int = 32
+    channels: int = 3
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig(TowerConfig):
+    vocab_size: int = 49408
+    context_length: int = 77
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """A CLIP model. ``text is None`` means a vision-only model (``CLIPVisionModel``);
+    ``embed_dim is None`` means no projection layers (and no ``logit_scale``)."""
+
+    vision: VisionConfig
+    text: TextConfig | None = None
+    embed_dim: int | None = None
+    logit_scale_init: float = 2.6592
+    name: str = "custom"
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None
+
+    @property
+    def has_projection(self) -> bool:
+        return self.embed_dim is not None
+
+    def vision_only(self) -> CLIPConfig:
+        """The same vision tower without text and projection (``CLIPVisionModel``)."""
+        return dataclasses.replace(self, text=None, embed_dim=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _text(width: int, layers: int, heads: int) -> TextConfig:
+    return TextConfig(width=width, layers=layers, heads=heads, mlp_dim=4 * width)
+
+
+PRESETS: dict[str, CLIPConfig] = {
+    "ViT-B-32": CLIPConfig(
+        vision=VisionConfig(width=768, layers=12, heads=12, mlp_dim=3072, patch_size=32),
+        text=_text(512, 12, 8), embed_dim=512, name="ViT-B-32"),
+    "ViT-B-16": CLIPConfig(
+        vision=VisionConfig(width=768, layers=12, heads=12, mlp_dim=3072, patch_size=16),
+        text=_text(512, 12, 8), embed_dim=512, name="ViT-B-16"),
+    "ViT-L-14": CLIPConfig(
+        vision=VisionConfig(width=1024, layers=24, heads=16, mlp_dim=4096, patch_size=14),
+        text=_text(768, 12, 12), embed_dim=768, name="ViT-L-14"),
+}
+
+# Hugging Face hub ids of the pretrained models (loading needs the files on disk here).
+HF_IDS = {
+    "ViT-B-32": "openai/clip-vit-base-patch32",
+    "ViT-B-16": "openai/clip-vit-base-patch16",
+    "ViT-L-14": "openai/clip-vit-large-patch14",
+}
+
+
+def get_preset(name: str) -> CLIPConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown CLIP preset {name!r}; valid: {sorted(PRESETS)}") from None
+
+
+def _vision_from_hf(d: dict[str, Any], source: str) -> VisionConfig:
+    try:
+        return VisionConfig(
+            width=int(d["hidden_size"]), layers=int(d["num_hidden_layers"]),
+            heads=int(d["num_attention_heads"]), mlp_dim=int(d["intermediate_size"]),
+            act=str(d.get("hidden_act", "quick_gelu")), eps=float(d.get("layer_norm_eps", 1e-5)),
+            image_size=int(d["image_size"]), patch_size=int(d["patch_size"]),
+            channels=int(d.get("num_channels", 3)))
+    except KeyError as e:
+        raise ValueError(f"{source}: vision config lacks key {e.args[0]!r}") from None
+
+
+def _text_from_hf(d: dict[str, Any], source: str) -> TextConfig:
+    try:
+        return TextConfig(
+            width=int(d["hidden_size"]), layers=int(d["num_hidden_layers"]),
+            heads=int(d["num_attention_heads"]), mlp_dim=int(d["intermediate_size"]),
+            act=str(d.get("hidden_act", "quick_gelu")), eps=float(d.get("layer_norm_eps", 1e-5)),
+            vocab_size=int(d["vocab_size"]),
+            context_length=int(d.get("max_position_embeddings", 77)),
+            eos_token_id=int(d.get("eos_token_id", 49407)),
+            pad_token_id=int(d.get("pad_token_id", 1)))
+    except KeyError as e:
+        raise ValueError(f"{source}: text config lacks key {e.args[0]!r}") from None
+
+
+def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> CLIPConfig:
+    """Parse a Hugging Face ``CLIPConfig`` or ``CLIPVisionConfig`` dict (``config.json``)."""
+    model_type = d.get("model_type")
+    if model_type == "clip":
+        vision = _vision_from_hf(d.get("vision_config") or {}, source)
+        text = _text_from_hf(d.get("text_config") or {}, source)
+        return CLIPConfig(vision=vision, text=text, embed_dim=int(d.get("projection_dim", 512)),
+                          logit_scale_init=float(d.get("logit_scale_init_value", 2.6592)),
+                          name=_guess_name(vision))
+    if model_type == "clip_vision_model":
+        vision = _vision_from_hf(d, source)
+        return CLIPConfig(vision=vision, name=_guess_name(vision))
+    raise ValueError(
+        f"{source}: model_type {model_type!r} is not a CLIP model "
+        "(expected 'clip' or 'clip_vision_model')")
+
+
+def read_hf_config(path: str | Path) -> CLIPConfig:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no config.json") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return from_hf_dict(d, source=str(path))
+
+
+def to_hf_dict(cfg: CLIPConfig) -> dict[str, Any]:
+    """Hugging Face ``config.json`` content (CLIPModel if the config has text, else CLIPVisionModel)."""
+    v = cfg.vision
+    vision = {
+        "hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.layers,
+        "num_attention_heads": v.heads, "num_channels": v.channels, "image_size": v.image_size,
+        "patch_size": v.patch_size, "hidden_act": v.act, "layer_norm_eps": v.eps,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
+    }
+    if cfg.text is None:
+        return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+                "torch_dtype": "float32", **vision,
+                **({"projection_dim": cfg.embed_dim} if cfg.embed_dim else {})}
+    t = cfg.text
+    text = {
+        "hidden_size": t.width, "intermediate_size": t.mlp_dim, "num_hidden_layers": t.layers,
+        "num_attention_heads": t.heads, "vocab_size": t.vocab_size,
+        "max_position_embeddings": t.context_length, "hidden_act": t.act,
+        "layer_norm_eps": t.eps, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+        "bos_token_id": 49406, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+    }
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "torch_dtype": "float32",
+            "projection_dim": cfg.embed_dim, "logit_scale_init_value": cfg.logit_scale_init,
+            "initializer_factor": 1.0, "vision_config": vision, "text_config": text}
+
+
+def _guess_name(v: VisionConfig) -> str:
+    for name, preset in PRESETS.items():
+        pv = preset.vision
+        if (pv.width, pv.layers, pv.patch_size, pv.image_size) == (
+                v.width, v.layers, v.patch_size, v.image_size):
+            return name
+    return f"ViT-w{v.width}-d{v.layers}-p{v.patch_size}"
