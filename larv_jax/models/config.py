@@ -129,10 +129,13 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> CLIPConfig:
         text = _text_from_hf(d.get("text_config") or {}, source)
         return CLIPConfig(vision=vision, text=text, embed_dim=int(d.get("projection_dim", 512)),
                           logit_scale_init=float(d.get("logit_scale_init_value", 2.6592)),
-                          name=_guess_name(vision))
+                          name=guess_name(vision))
     if model_type == "clip_vision_model":
         vision = _vision_from_hf(d, source)
-        return CLIPConfig(vision=vision, name=_guess_name(vision))
+        # CLIPVisionModelWithProjection carries visual_projection; plain CLIPVisionModel does not.
+        with_proj = "CLIPVisionModelWithProjection" in (d.get("architectures") or [])
+        return CLIPConfig(vision=vision, embed_dim=int(d["projection_dim"]) if with_proj else None,
+                          name=guess_name(vision))
     raise ValueError(
         f"{source}: model_type {model_type!r} is not a CLIP model "
         "(expected 'clip' or 'clip_vision_model')")
@@ -159,7 +162,8 @@ def to_hf_dict(cfg: CLIPConfig) -> dict[str, Any]:
         "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
     }
     if cfg.text is None:
-        return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+        arch = "CLIPVisionModelWithProjection" if cfg.embed_dim else "CLIPVisionModel"
+        return {"architectures": [arch], "model_type": "clip_vision_model",
                 "torch_dtype": "float32", **vision,
                 **({"projection_dim": cfg.embed_dim} if cfg.embed_dim else {})}
     t = cfg.text
@@ -176,7 +180,7 @@ def to_hf_dict(cfg: CLIPConfig) -> dict[str, Any]:
             "initializer_factor": 1.0, "vision_config": vision, "text_config": text}
 
 
-def _guess_name(v: VisionConfig) -> str:
+def guess_name(v: VisionConfig) -> str:
     for name, preset in PRESETS.items():
         pv = preset.vision
         if (pv.width, pv.layers, pv.patch_size, pv.image_size) == (

@@ -1,0 +1,295 @@
+"""Open any supported CLIP checkpoint as Flax-layout leaves, and export Flax params to Hugging Face.
+
+Supported inputs (detected from the file names and keys):
+
+* a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded
+  ``model.safetensors.index.json``, or ``pytorch_model.bin``) of a ``CLIPModel``,
+  ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``, keys with or without ``vision_model.``;
+* a bare ``.safetensors`` file (the config is inferred from the shapes, with 64-wide heads, as in
+  every released CLIP);
+* an OpenAI / open_clip state dict or OpenAI TorchScript archive (``.pt``/``.bin``; fused
+  ``attn.in_proj_weight``; fp16 upcast to float32).
+
+Every expected key must be present and every present key used: a missing or unexpected key is a
+``ValueError`` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from larv_jax import tree
+from larv_jax.checkpoint import table
+from larv_jax.checkpoint.sources import DictSource, SafetensorsSource, load_torch_file
+from larv_jax.io import atomic_path
+from larv_jax.models import config as cfgmod
+from larv_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+
+
+class Checkpoint:
+    """A checkpoint opened lazily: ``leaf(path)`` reads and converts one Flax leaf on demand."""
+
+    def __init__(self, source: SafetensorsSource | DictSource, config: CLIPConfig | None,
+                 origin: Path):
+        self.origin = Path(origin)
+        self.source = source
+        keys = set(source.keys())
+        self.format = "openai" if any(k.startswith("visual.") for k in keys) else "hf"
+        if self.format == "hf":
+            self.vision_prefix = "vision_model." if any(
+                k.startswith("vision_model.") for k in keys) else ""
+            has_text = any(k.startswith("text_model.") for k in keys)
+            has_proj = "visual_projection.weight" in keys
+        else:
+            self.vision_prefix = "visual."
+            has_text = "token_embedding.weight" in keys
+            has_proj = "visual.proj" in keys
+        if not any(k.startswith(self.vision_prefix + ("embeddings." if self.format == "hf"
+                                                      else "conv1")) for k in keys):
+            raise ValueError(f"{origin}: no CLIP vision tower found (expected keys like "
+                             "'vision_model.embeddings.patch_embedding.weight' or "
+                             f"'visual.conv1.weight'; first keys: {sorted(keys)[:5]})")
+        if config is None:
+            config = self._infer_config(keys, has_text, has_proj)
+        self.config = config
+        if config.has_text != has_text or (has_proj and not config.has_projection):
+            raise ValueError(f"{origin}: config.json (text tower: {config.has_text}, projection: "
+                             f"{config.has_projection}) does not match the weights (text tower: "
+                             f"{has_text}, projection: {has_proj})")
+        if self.format == "hf":
+            rows = table.hf_rows(vision_prefix=self.vision_prefix, has_text=has_text,
+                                 has_projection=has_proj)
+            ignored = table.HF_IGNORED
+        else:
+            rows = table.openai_rows(has_text=has_text, has_projection=has_proj)
+            ignored = table.OPENAI_IGNORED
+        self._index = self._build_index(rows, keys, ignored)
+
+    # -- public API ---------------------------------------------------------------------------
+    def paths(self) -> list[str]:
+        return list(self._index)
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return self._expected[path]
+
+    @cached_property
+    def source_dtype(self) -> str:
+        dtypes = sorted({self.source.dtype(k) for k in self.source.keys()})
+        return dtypes[0] if len(dtypes) == 1 else "+".join(dtypes)
+
+    @property
+    def files(self) -> list[Path]:
+        return self.source.files
+
+    def leaf(self, path: str) -> np.ndarray:
+        """One Flax leaf as float32 (stacked leaves gathered from their B source tensors)."""
+        try:
+            parts = self._index[path]
+        except KeyError:
+            raise KeyError(f"{self.origin}: no parameter {path!r}") from None
+        arrays = [table.to_flax(np.asarray(self.source.get(k)), t).astype(np.float32)
+                  for k, t in parts]
+        out = np.stack(arrays) if tree.is_stacked(path) else arrays[0]
+        return np.asarray(out, order="C")
+
+    def flat(self) -> dict[str, np.ndarray]:
+        return {p: self.leaf(p) for p in self.paths()}
+
+    def params(self) -> dict[str, Any]:
+        return tree.unflatten(self.flat())
+
+    # -- construction ---------------------------------------------------------------------------
+    @cached_property
+    def _expected(self) -> dict[str, tuple[int, ...]]:
+        from larv_jax.models.clip import abstract_params
+
+        return {p: tuple(s.shape) for p, s in tree.flatten(abstract_params(self.config)).items()}
+
+    def _build_index(self, rows, keys: set[str], ignored) -> dict[str, list[tuple[str, str]]]:
+        expected = self._expected
+        index: dict[str, list[tuple[str, str]]] = {}
+        used: set[str] = set()
+        for src, path, t in rows:
+            if "{i}" in src:
+                n = (self.config.vision if path.startswith("visual/") else self.config.text).layers
+                names = [src.format(i=i) for i in range(n)]
+            else:
+                names = [src]
+            for name in names:
+                if name not in keys:
+                    raise ValueError(f"{self.origin}: missing key {name!r} (for {path})")
+            index[path] = [(name, t) for name in names]
+            used.update(names)
+            self._check_shape(path, names[0], t, expected, len(names))
+        unexpected = sorted(k for k in keys - used if not k.endswith(ignored))
+        if unexpected:
+            raise ValueError(f"{self.origin}: unexpected key(s) {unexpected[:5]}"
+                             f"{' ...' if len(unexpected) > 5 else ''} for a {self.config.name} "
+                             "CLIP checkpoint (another architecture, or a LayerScale open_clip model?)")
+        missing = sorted(set(expected) - set(index))
+        if missing:
+            raise ValueError(f"{self.origin}: no source for parameter(s) {missing[:5]}")
+        return {p: index[p] for p in expected if p in index}
+
+    def _check_shape(self, path, name, t, expected, n_stack):
+        if path not in expected:
+            raise ValueError(f"{self.origin}: key {name!r} maps to {path!r}, which a "
+                             f"{self.config.name} model does not have")
+        shape = self.source.shape(name)
+        if t in ("q", "k", "v", "qb", "kb", "vb"):
+            shape = (shape[0] // 3, *shape[1:])
+        if t in ("T", "q", "k", "v"):
+            shape = shape[::-1]
+        elif t == "conv":
+            shape = (shape[2], shape[3], shape[1], shape[0])
+        got = ((n_stack,) if tree.is_stacked(path) else ()) + tuple(shape)
+        if got != expected[path]:
+            raise ValueError(f"{self.origin}: key {name!r} has shape {self.source.shape(name)}, "
+                             f"which gives {got} for {path}; the config expects {expected[path]}")
+
+    def _infer_config(self, keys: set[str], has_text: bool, has_proj: bool) -> CLIPConfig:
+        src = self.source
+
+        def layers(prefix: str) -> int:
+            pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+            ids = {int(m.group(1)) for k in keys if (m := pat.match(k))}
+            return max(ids) + 1 if ids else 0
+
+        if self.format == "hf":
+            vp = self.vision_prefix
+            conv = src.shape(vp + "embeddings.patch_embedding.weight")
+            pos = src.shape(vp + "embeddings.position_embedding.weight")
+            mlp = src.shape(vp + "encoder.layers.0.mlp.fc1.weight")[0]
+            n_vis = layers(vp + "encoder.layers.")
+        else:
+            conv = src.shape("visual.conv1.weight")
+            pos = src.shape("visual.positional_embedding")
+            mlp = src.shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
+            n_vis = layers("visual.transformer.resblocks.")
+        width, channels, patch = conv[0], conv[1], conv[-1]
+        grid = int(round((pos[0] - 1) ** 0.5))
+        vision = VisionConfig(width=width, layers=n_vis, heads=max(1, width // 64), mlp_dim=mlp,
+                              image_size=grid * patch, patch_size=patch, channels=channels)
+        text, embed = None, None
+        if has_text:
+            if self.format == "hf":
+                tok = src.shape("text_model.embeddings.token_embedding.weight")
+                ctx = src.shape("text_model.embeddings.position_embedding.weight")[0]
+                tmlp = src.shape("text_model.encoder.layers.0.mlp.fc1.weight")[0]
+                n_txt = layers("text_model.encoder.layers.")
+                embed = src.shape("text_projection.weight")[0]
+            else:
+                tok = src.shape("token_embedding.weight")
+                ctx = src.shape("positional_embedding")[0]
+                tmlp = src.shape("transformer.resblocks.0.mlp.c_fc.weight")[0]
+                n_txt = layers("transformer.resblocks.")
+                embed = src.shape("text_projection")[1]
+            text = TextConfig(width=tok[1], layers=n_txt, heads=max(1, tok[1] // 64), mlp_dim=tmlp,
+                              vocab_size=tok[0], context_length=ctx, eos_token_id=tok[0] - 1)
+        elif has_proj:
+            embed = (src.shape("visual_projection.weight")[0] if self.format == "hf"
+                     else src.shape("visual.proj")[1])
+        return CLIPConfig(vision=vision, text=text, embed_dim=embed,
+                          name=cfgmod.guess_name(vision))
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "open_clip_pytorch_model.bin")
+
+
+def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
+                    config: CLIPConfig | None = None) -> Checkpoint:
+    """Open a checkpoint (see module docstring) lazily.
+
+    ``config`` overrides the ``config.json`` / shape inference (the head count cannot be read off
+    the weights: inference assumes 64-wide heads, true for every released CLIP)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        found = [path / n for n in WEIGHT_FILES if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path}: directory holds no weights (looked for "
+                                    f"{', '.join(WEIGHT_FILES)})")
+        weights = found[0]
+        if config is None and (path / "config.json").exists():
+            config = cfgmod.read_hf_config(path / "config.json")
+    else:
+        weights = path
+    if weights.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(weights.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{weights}: not a safetensors index (no 'weight_map')") from None
+        files = sorted({weights.parent / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise FileNotFoundError(f"{weights}: shard {f.name} is missing")
+        source = SafetensorsSource(files)
+    elif weights.suffix == ".safetensors":
+        source = SafetensorsSource([weights])
+    elif weights.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        source = load_torch_file(weights, allow_pickle=allow_pickle)
+    else:
+        raise ValueError(f"{weights}: unknown checkpoint format (expected a directory, "
+                         ".safetensors, or .pt/.bin)")
+    return Checkpoint(source, config, path)
+
+
+def load_params(path: str | Path, **kw) -> tuple[CLIPConfig, dict[str, Any]]:
+    """Read a whole checkpoint: ``(config, params)`` with numpy float32 leaves."""
+    ckpt = load_checkpoint(path, **kw)
+    return ckpt.config, ckpt.params()
+
+
+def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
+    """Flax params (nested or flat) -> Hugging Face state dict (``vision_model.`` prefixed)."""
+    flat = params if all("/" in k or k == "logit_scale" for k in params) and not any(
+        isinstance(v, Mapping) for v in params.values()) else tree.flatten(params)
+    rows = table.hf_rows(vision_prefix="vision_model.", has_text=config.has_text,
+                         has_projection=config.has_projection)
+    out: dict[str, np.ndarray] = {}
+    used = set()
+    for src, path, t in rows:
+        if path not in flat:
+            raise ValueError(f"params lack {path!r} needed for a {config.name} Hugging Face export")
+        leaf = np.asarray(flat[path])
+        used.add(path)
+        if "{i}" in src:
+            for i in range(leaf.shape[0]):
+                out[src.format(i=i)] = np.array(table.from_flax(leaf[i], t), order="C")
+        else:
+            out[src] = np.array(table.from_flax(leaf, t), order="C")
+    extra = sorted(set(flat) - used)
+    if extra:
+        raise ValueError(f"params have leaves with no Hugging Face name: {extra[:5]}")
+    return out
+
+
+def save_hf(params: Mapping[str, Any], config: CLIPConfig, out_dir: str | Path, *,
+            overwrite: bool = True, dtype: Any = np.float32,
+            extra_files: Mapping[str, str | bytes] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (transformers loads them) atomically.
+
+    ``params`` may be the full CLIP tree or a vision-only one; the config must agree (use
+    ``config.vision_only()`` for a ``CLIPVisionModel``). ``extra_files`` (name -> content) are
+    written alongside, e.g. ``tokenizer.json`` or a merge report.
+    """
+    from safetensors.numpy import save_file
+
+    sd = {k: v.astype(dtype) for k, v in to_hf_state_dict(params, config).items()}
+    with atomic_path(out_dir, overwrite=overwrite, is_dir=True) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfgmod.to_hf_dict(config), indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+    return Path(out_dir)

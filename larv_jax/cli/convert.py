@@ -1,0 +1,31 @@
+"""``larv convert SRC --to hf|flax --out DST``: between Hugging Face, OpenAI / open_clip and orbax."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert between HF / OpenAI / open_clip / orbax formats",
+                       description=__doc__)
+    p.add_argument("src", type=Path, help="HF directory or .safetensors, OpenAI/open_clip "
+                   ".pt/.bin, or an orbax directory written by this command")
+    p.add_argument("--to", required=True, choices=["hf", "flax"],
+                   help="hf: model.safetensors + config.json that transformers loads; "
+                   "flax: an orbax checkpoint (params/ + config.json)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
+    p.add_argument("--vision-only", action="store_true",
+                   help="keep only the vision tower (CLIPVisionModel); default: keep everything")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow whole-module torch pickles (executes code; trusted files only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from larv_jax.checkpoint.convert import convert
+
+    out = convert(args.src, args.out, to=args.to, vision_only=args.vision_only,
+                  allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
