@@ -1,0 +1,115 @@
+"""Bad checkpoints: clear errors naming the file and key, exit status 1, nothing written."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from helpers import make_hf_vision
+
+from larv_jax.checkpoint import load_checkpoint
+from larv_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good")
+    make_hf_vision(path, seed=0)
+    return path
+
+
+def _convert_fails(src, tmp_path, capsys, *needles):
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--to", "hf", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir()), "temporary left behind"
+    return err
+
+
+def test_truncated_safetensors(good, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _convert_fails(bad, tmp_path, capsys, "model.safetensors", "truncated")
+
+
+def test_not_safetensors(tmp_path, capsys):
+    f = tmp_path / "weights.safetensors"
+    f.write_bytes(b"PK\x03\x04 this is a zip, not safetensors" * 10)
+    _convert_fails(f, tmp_path, capsys, "weights.safetensors", "not a safetensors file")
+
+
+def test_directory_without_weights(tmp_path, capsys):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    _convert_fails(d, tmp_path, capsys, "empty", "holds no weights")
+
+
+def test_other_architecture(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    f = tmp_path / "bert.safetensors"
+    save_file({"bert.embeddings.word_embeddings.weight": np.zeros((10, 4), np.float32)}, str(f))
+    _convert_fails(f, tmp_path, capsys, "bert.safetensors", "no CLIP vision tower")
+
+
+def test_other_architecture_config(good, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "siglip_vision_model"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _convert_fails(bad, tmp_path, capsys, "config.json", "siglip_vision_model")
+
+
+def test_shape_mismatch_names_key(good, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 128  # weights have 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _convert_fails(bad, tmp_path, capsys, "encoder.layers.0.mlp.fc1.weight", "(64, 32)", "128")
+
+
+def test_missing_and_unexpected_keys(good, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(good / "model.safetensors")
+    missing = {k: v for k, v in sd.items() if k != "encoder.layers.1.mlp.fc2.bias"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match=r"missing\.safetensors.*encoder\.layers\.1\.mlp\.fc2\.bias"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    extra = {**sd, "encoder.layers.0.ls_1.gamma": np.ones(32, np.float32)}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"extra\.safetensors.*unexpected key.*ls_1\.gamma"):
+        load_checkpoint(tmp_path / "extra.safetensors")
+
+
+def test_existing_output_refused_then_overwritten(good, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["convert", str(good), "--to", "hf", "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["convert", str(good), "--to", "hf", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+
+
+def test_bf16_and_fp16_are_upcast(good, tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(good / "model.safetensors")
+    half = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
+    save_file(half, str(tmp_path / "bf16.safetensors"))
+    ckpt = load_checkpoint(tmp_path / "bf16.safetensors")
+    assert ckpt.source_dtype == "bfloat16"
+    leaf = ckpt.leaf("visual/ln_pre/scale")
+    assert leaf.dtype == np.float32
+    np.testing.assert_array_equal(leaf, sd["pre_layrnorm.weight"].astype(ml_dtypes.bfloat16)
+                                  .astype(np.float32))
