@@ -1,0 +1,296 @@
+"""The LARV veneer (SPEC §3, Algorithm 1): per-unit scales on top of any data-free merge.
+
+Data flow (every arrow a function of this module or of the engines it calls)::
+
+    task vectors tau [K, ...] --merger--> D --(SVC)--> D --diagnostics--> e, c --gate--> s[L]
+    post (default):  theta = theta0 + s_l * D_l             for every parameter of unit l
+    pre:             theta = theta0 + merger(s_l * tau_l)   s from the unscaled first merge
+
+``D`` is the merger's output *including* its own global coefficient (TA's 0.3 etc.). Parameters
+outside every LARV unit (text tower, ``logit_scale``) get scale 1, i.e. ``theta0 + D``.
+
+SVC (SPEC §5) composes in either order (``svc_order``): ``"svc_first"`` (default; merge -> SVC ->
+LARV: the diagnostics and the scales see the calibrated delta) or ``"larv_first"`` (merge -> LARV ->
+SVC: SVC calibrates the already scaled delta). With ``apply="pre"`` the scales always act before
+the merger, hence before SVC; ``svc_order`` then only decides nothing and is ignored: the first,
+unscaled pass is merge -> SVC, the diagnostics are taken on its output, and the final pass is
+merge(s * tau) -> SVC(., s * tau).
+
+A *merger* here is any function ``merge(tau_flat) -> delta_flat`` on flat ``{path: [K, ...]}``
+task vectors (use :func:`larv_jax.larv.merger` to get one from the merging registry by name); an
+*SVC* is ``svc(delta_flat, tau_flat) -> delta_flat``. Keeping them plain callables lets the veneer run
+over every registry entry, presets included, and over user functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from larv_jax import diagnostics as dg
+from larv_jax import tree as ltree
+from larv_jax.larv import schedules
+
+Flat = dict[str, Any]
+MergeFn = Callable[[Mapping[str, Any]], Flat]
+SvcFn = Callable[[Mapping[str, Any], Mapping[str, Any]], Flat]
+
+APPLY = ("post", "pre")
+SVC_ORDERS = ("svc_first", "larv_first")
+
+# Options of larv_jax.diagnostics.diagnose that callers may pass through ``diag_options``.
+DIAG_OPTIONS = ("k", "p", "q", "eps", "zero_rtol", "devices")
+
+
+class UnitReport(NamedTuple):
+    """One row of the per-unit report (``e``, ``c``, ``z``, ``w`` are None when the scales came
+    from a depth-only schedule and no diagnostics were computed)."""
+
+    name: str
+    depth: int
+    e: float | None
+    c: float | None
+    z: float | None
+    w: float | None
+    s: float
+
+
+def as_flat(params: Mapping[str, Any]) -> Flat:
+    """Flat ``{path: leaf}`` view of a nested or already flat parameter tree."""
+    if any(isinstance(v, Mapping) for v in params.values()):
+        return ltree.flatten(params)
+    return dict(params)
+
+
+def _shapes(flat: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {p: tuple(np.shape(v)) for p, v in flat.items()}
+
+
+def scale_tree(unit_list: Sequence[dg.Unit], s: Any, shapes: Mapping[str, Sequence[int]]
+               ) -> dict[str, np.ndarray]:
+    """Per-leaf float32 scales (host numpy): ``[]`` for an unstacked leaf, ``[B, 1, ..]`` for a
+    stacked one; leaves outside every unit get 1 (wraps
+    :func:`larv_jax.diagnostics.unit_scales_to_tree`)."""
+    s32 = np.asarray(s, dtype=np.float32)
+    tree = dg.unit_scales_to_tree(unit_list, s32, shapes, fill=1.0)
+    return {p: np.asarray(v, dtype=np.float32) for p, v in tree.items()}
+
+
+def apply_scales(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any],
+                 unit_list: Sequence[dg.Unit], s: Any) -> Flat:
+    """``theta = theta0 + s_l * D_l`` leaf by leaf (SPEC §3, ``apply="post"``).
+
+    Args:
+      base_flat: ``{path: [..]}`` theta0, Flax layout, stacked blocks ``[B, ..]``.
+      delta_flat: ``{path: [..]}`` merged delta D (same shapes); a path it lacks stays at theta0.
+      unit_list: LARV units (:func:`larv_jax.diagnostics.units`).
+      s: ``[L]`` per-unit scales (cast to float32).
+
+    Returns the flat float32 parameters in ``base_flat``'s order. With every ``s_l = 1`` this is
+    ``theta0 + D`` bit for bit; a leaf with ``D = 0`` stays exactly at theta0.
+    """
+    extra = sorted(set(delta_flat) - set(base_flat))
+    if extra:
+        raise ValueError(f"merged delta has parameters the base lacks: {extra[:5]}")
+    scales = scale_tree(unit_list, s, _shapes(base_flat))
+    out: Flat = {}
+    for path, base in base_flat.items():
+        base = np.asarray(base)
+        if path not in delta_flat:
+            out[path] = base
+            continue
+        delta = np.asarray(delta_flat[path])
+        if delta.shape != base.shape:
+            raise ValueError(f"parameter {path!r}: base shape {base.shape} != delta shape "
+                             f"{delta.shape}")
+        out[path] = (base + scales[path] * delta).astype(base.dtype, copy=False)
+    return out
+
+
+def scale_task_vectors(tau_flat: Mapping[str, Any], unit_list: Sequence[dg.Unit], s: Any,
+                       shapes: Mapping[str, Sequence[int]]) -> Flat:
+    """``s_l * tau_{i,l}`` for every task i (``apply="pre"``); ``tau_flat`` leaves are
+    ``[K, ..]`` over the parameter ``shapes`` (the per-leaf scales broadcast from the right)."""
+    scales = scale_tree(unit_list, s, shapes)
+    return {p: np.asarray(t) * scales[p] for p, t in tau_flat.items()}
+
+
+def gate_scales(gate: str, unit_list: Sequence[dg.Unit],
+                diagnostics: dg.Diagnostics | None = None, **options: Any
+                ) -> tuple[schedules.Scales, list[UnitReport]]:
+    """Scales ``s[L]`` and the per-unit report for a gate/schedule spec
+    (:func:`larv_jax.larv.schedules.compute_scales`)."""
+    e = c = None
+    if diagnostics is not None:
+        if [u.name for u in diagnostics.units] != [u.name for u in unit_list]:
+            raise ValueError("diagnostics were computed for different LARV units")
+        e, c = diagnostics.e, diagnostics.c
+    res = schedules.compute_scales(gate, e=e, c=c, num_units=len(unit_list), **options)
+    f = lambda v, i: None if v is None else float(v[i])  # noqa: E731
+    rows = [UnitReport(u.name, u.depth, f(e, i), f(c, i), f(res.z, i), f(res.w, i),
+                       float(res.s[i])) for i, u in enumerate(unit_list)]
+    return res, rows
+
+
+def needs_diagnostics(gate: str) -> bool:
+    """True when the spec is a score gate (tiered, continuous) that needs e and c."""
+    name, _, _ = schedules.parse_spec(gate)
+    return schedules.SCALERS[name].uses_scores
+
+
+def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any],
+             unit_list: Sequence[dg.Unit], *, key: jax.Array | None = None,
+             mode: str = "randomized", cache: dg.BaseCache | None = None,
+             **diag_options: Any) -> dg.Diagnostics:
+    """:func:`larv_jax.diagnostics.diagnose` with the veneer's defaults (key 0, randomized)."""
+    bad = sorted(set(diag_options) - set(DIAG_OPTIONS))
+    if bad:
+        raise ValueError(f"unknown diagnostics option(s) {bad}; valid: {list(DIAG_OPTIONS)}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    return dg.diagnose(base_flat, delta_flat, units=unit_list, key=key, mode=mode, cache=cache,
+                       **diag_options)
+
+
+class LarvResult(NamedTuple):
+    """What :func:`veneer` and :func:`larv_merge` return besides the parameters."""
+
+    report: list[UnitReport]
+    s: np.ndarray  # [L]
+    diagnostics: dg.Diagnostics | None
+    delta: Flat  # the merged delta the scales were applied to (post) or the final delta (pre)
+
+
+def veneer(base: Mapping[str, Any], delta: Mapping[str, Any], *, gate: str = "tiered",
+           granularity: str = "module", unit_list: Sequence[dg.Unit] | None = None,
+           diagnostics: dg.Diagnostics | None = None, cache: dg.BaseCache | None = None,
+           key: jax.Array | None = None, mode: str = "randomized",
+           diag_options: Mapping[str, Any] | None = None, always_diagnose: bool = False,
+           **gate_options: Any) -> tuple[Flat, LarvResult]:
+    """LARV post-hoc on a given merged delta: ``theta = theta0 + s * D`` (``apply="post"``).
+
+    Args:
+      base, delta: theta0 and the merged delta D (nested or flat; Flax layout).
+      gate: gate or schedule spec (``"tiered"``, ``"continuous"``, ``"thirds(0,1,1.5)"``, ...).
+      granularity / unit_list: LARV units (``module`` default, SPEC §1), or the list itself.
+      diagnostics: precomputed e, c for this (base, D); computed here when a score gate needs them
+        (or ``always_diagnose``), with ``cache`` (a :class:`larv_jax.diagnostics.BaseCache`),
+        ``key``, ``mode`` and ``diag_options`` (k, p, q, eps, zero_rtol, devices).
+      **gate_options: options of the gate and score (``alpha``, ``gamma``, ``eta``, ``use_c``...).
+
+    Returns ``(params_flat, LarvResult)``.
+    """
+    base_flat, delta_flat = as_flat(base), as_flat(delta)
+    if unit_list is None:
+        unit_list = dg.units(_shapes(base_flat), granularity=granularity)
+    if diagnostics is None and (always_diagnose or needs_diagnostics(gate)):
+        diagnostics = diagnose(base_flat, delta_flat, unit_list, key=key, mode=mode, cache=cache,
+                               **dict(diag_options or {}))
+    res, rows = gate_scales(gate, unit_list, diagnostics, **gate_options)
+    return apply_scales(base_flat, delta_flat, unit_list, res.s), LarvResult(
+        rows, res.s, diagnostics, delta_flat)
+
+
+def task_vectors(base: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) -> Flat:
+    """Flat ``{path: [K, ..]}`` task vectors ``tau_k = theta_k - theta0`` over the models' paths.
+
+    Every model must have the same paths, all present in the base with the same shapes (a
+    vision-only fine-tune of a full CLIP base gives task vectors of the vision tower only).
+    """
+    base_flat = as_flat(base)
+    flats = [as_flat(m) for m in models]
+    if not flats:
+        raise ValueError("no models to merge")
+    paths = list(flats[0])
+    for i, f in enumerate(flats[1:], start=1):
+        if set(f) != set(paths):
+            diff = sorted(set(f) ^ set(paths))[:5]
+            raise ValueError(f"model {i} has different parameters than model 0: {diff}")
+    out: Flat = {}
+    for p in paths:
+        if p not in base_flat:
+            raise ValueError(f"parameter {p!r} of the fine-tuned models is missing in the base")
+        b = np.asarray(base_flat[p], dtype=np.float32)
+        leaves = [np.asarray(f[p], dtype=np.float32) for f in flats]
+        for i, x in enumerate(leaves):
+            if x.shape != b.shape:
+                raise ValueError(f"model {i}: parameter {p!r} has shape {x.shape}, base {b.shape}")
+        out[p] = np.stack([x - b for x in leaves])
+    return out
+
+
+def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {list(valid)}")
+
+
+def larv_merge(base: Mapping[str, Any], models: Mapping[str, Any] | Sequence[Mapping[str, Any]], *,
+               method: MergeFn, gate: str = "tiered", apply: str = "post",
+               svc: SvcFn | None = None, svc_order: str = "svc_first",
+               granularity: str = "module", unit_list: Sequence[dg.Unit] | None = None,
+               cache: dg.BaseCache | None = None, key: jax.Array | None = None,
+               mode: str = "randomized", diag_options: Mapping[str, Any] | None = None,
+               always_diagnose: bool = False, **gate_options: Any) -> tuple[Flat, LarvResult]:
+    """Merge with LARV: task vectors -> merger (-> SVC) -> diagnostics -> gate -> veneer.
+
+    Args:
+      base: theta0 (nested or flat params, Flax layout).
+      models: either task vectors ``{path: [K, ..]}`` (nested or flat) or a sequence of K
+        fine-tuned parameter trees (task vectors are formed against ``base``).
+      method: the merger, ``merge(tau_flat) -> delta_flat`` including its own coefficient (see
+        :func:`larv_jax.larv.merger` for registry names).
+      gate: gate/schedule spec (``"tiered"`` default, ``"continuous"``, ``"none"``,
+        ``"thirds(0,1,1.5)"``, ...; :data:`larv_jax.larv.schedules.SCALERS`).
+      apply: ``"post"`` (default; ``theta0 + s * D``) or ``"pre"`` (``theta0 + merge(s * tau)``,
+        ``s`` from the unscaled first merge; equal to post for linear mergers).
+      svc: optional SVC, ``svc(delta_flat, tau_flat) -> delta_flat``; ``svc_order`` is
+        ``"svc_first"`` (merge -> SVC -> LARV, default) or ``"larv_first"`` (merge -> LARV -> SVC).
+      granularity, unit_list, cache, key, mode, diag_options, always_diagnose, **gate_options: as
+        in :func:`veneer`.
+
+    Returns ``(params_flat, LarvResult)``; ``LarvResult.report`` has one
+    :class:`UnitReport` (name, depth, e, c, z, w, s) per unit.
+    """
+    _check_choice("apply mode", apply, APPLY)
+    _check_choice("svc_order", svc_order, SVC_ORDERS)
+    base_flat = as_flat(base)
+    tau = as_flat(models) if isinstance(models, Mapping) else task_vectors(base_flat, models)
+    if unit_list is None:
+        unit_list = dg.units(_shapes(base_flat), granularity=granularity)
+    shapes = _shapes(base_flat)
+
+    delta = method(tau)
+    if svc is not None and (svc_order == "svc_first" or apply == "pre"):
+        delta = svc(delta, tau)
+    diagnostics = None
+    if always_diagnose or needs_diagnostics(gate):
+        diagnostics = diagnose(base_flat, _full(delta, base_flat), unit_list, key=key, mode=mode,
+                               cache=cache, **dict(diag_options or {}))
+    res, rows = gate_scales(gate, unit_list, diagnostics, **gate_options)
+
+    if apply == "pre":
+        tau_s = scale_task_vectors(tau, unit_list, res.s, shapes)
+        final = method(tau_s)
+        if svc is not None:
+            final = svc(final, tau_s)
+        ones = np.ones(len(unit_list))
+        return apply_scales(base_flat, final, unit_list, ones), LarvResult(
+            rows, res.s, diagnostics, final)
+    if svc is not None and svc_order == "larv_first":
+        scaled = scale_task_vectors(delta, unit_list, res.s, shapes)
+        final = svc(scaled, tau)
+        ones = np.ones(len(unit_list))
+        return apply_scales(base_flat, final, unit_list, ones), LarvResult(
+            rows, res.s, diagnostics, final)
+    return apply_scales(base_flat, delta, unit_list, res.s), LarvResult(
+        rows, res.s, diagnostics, delta)
+
+
+def _full(delta: Mapping[str, Any], base_flat: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The delta with zeros for unit matrices it lacks (the diagnostics read every matrix)."""
+    missing = [p for p in base_flat if p not in delta and p.startswith("visual/")]
+    if not missing:
+        return delta
+    return {**delta, **{p: np.zeros_like(np.asarray(base_flat[p])) for p in missing}}
