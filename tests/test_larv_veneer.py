@@ -7,7 +7,7 @@ import pytest
 from larv_jax import diagnostics as dg
 from larv_jax import tree as ltree
 from larv_jax.larv import veneer as V
-from larv_jax.models.clip import init_params
+from larv_jax.models.clip import abstract_params
 from larv_jax.models.config import CLIPConfig, VisionConfig
 
 TINY = CLIPConfig(vision=VisionConfig(width=16, layers=2, heads=2, mlp_dim=32, image_size=16,
@@ -22,8 +22,9 @@ def ta(tau):
 
 @pytest.fixture(scope="module")
 def zoo():
-    base = {p: np.asarray(v) for p, v in ltree.flatten(init_params(TINY, seed=0)).items()}
     rng = np.random.default_rng(1)
+    base = {p: rng.normal(0, 0.1, s.shape).astype(np.float32)
+            for p, s in ltree.flatten(abstract_params(TINY)).items()}
     models = []
     for k in range(3):
         m = {}
@@ -176,3 +177,38 @@ def test_veneer_on_given_delta_and_errors(zoo):
         V.apply_scales(base, {**delta, "visual/extra": np.zeros(3)}, us, np.ones(7))
     with pytest.raises(ValueError, match="unknown diagnostics option"):
         V.veneer(base, delta, diag_options={"kk": 3})
+
+
+def test_cli_flags_hook(zoo):
+    import argparse
+
+    from larv_jax.larv import flags
+
+    base, models = zoo
+    tau = V.task_vectors(base, models)
+    delta = ta(tau)
+    parser = flags.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([])
+    assert not flags.enabled(args)
+    params, res = flags.apply(args, base=base, delta=delta)
+    for p in base:
+        np.testing.assert_array_equal(params[p], base[p] + delta[p])
+    args = parser.parse_args(["--larv", "tiered", "--larv-set", "alpha=0.5", "--larv-k", "8"])
+    assert flags.enabled(args) and flags.svc_before_larv(args)
+    params, res = flags.apply(args, base=base, delta=delta)
+    want, wres = V.larv_merge(base, tau, method=ta, gate="tiered", alpha=0.5,
+                              diag_options={"k": 8, "p": 10, "q": 2})
+    np.testing.assert_array_equal(res.s, wres.s)
+    assert sorted(set(res.s.tolist())) == [0.5, 1.0, 1.5] and (res.s == 0.5).sum() == 4
+    for p in base:
+        np.testing.assert_array_equal(params[p], want[p])
+    assert "mlp_out_1" in flags.format_report(res) and len(flags.report_rows(res)) == 7
+    pre = parser.parse_args(["--larv", "tier3", "--larv-apply", "pre"])
+    with pytest.raises(ValueError, match="needs the merger"):
+        flags.apply(pre, base=base, delta=delta)
+    params_pre, _ = flags.apply(pre, base=base, delta=delta, merge=ta, tau=tau)
+    params_post, _ = flags.apply(parser.parse_args(["--larv", "tier3"]), base=base, delta=delta)
+    for p in base:
+        np.testing.assert_allclose(params_pre[p], params_post[p], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="unknown LARV gate"):
+        flags.apply(parser.parse_args(["--larv", "bogus"]), base=base, delta=delta)

@@ -11,10 +11,10 @@ outside every LARV unit (text tower, ``logit_scale``) get scale 1, i.e. ``theta0
 
 SVC (SPEC §5) composes in either order (``svc_order``): ``"svc_first"`` (default; merge -> SVC ->
 LARV: the diagnostics and the scales see the calibrated delta) or ``"larv_first"`` (merge -> LARV ->
-SVC: SVC calibrates the already scaled delta). With ``apply="pre"`` the scales always act before
-the merger, hence before SVC; ``svc_order`` then only decides nothing and is ignored: the first,
-unscaled pass is merge -> SVC, the diagnostics are taken on its output, and the final pass is
-merge(s * tau) -> SVC(., s * tau).
+SVC: SVC calibrates the already scaled delta). With ``apply="pre"`` the scales act before the
+merger, hence before SVC: the first, unscaled pass is merge -> SVC, the diagnostics are taken on its
+output, and the final pass is ``svc(merge(s * tau), s * tau)``; ``pre`` with ``larv_first`` is
+rejected as contradictory.
 
 A *merger* here is any function ``merge(tau_flat) -> delta_flat`` on flat ``{path: [K, ...]}``
 task vectors (use :func:`larv_jax.larv.merger` to get one from the merging registry by name); an
@@ -69,6 +69,16 @@ def _shapes(flat: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return {p: tuple(np.shape(v)) for p, v in flat.items()}
 
 
+def units_for(base_flat: Mapping[str, Any], covered: Mapping[str, Any] | None = None,
+              granularity: str = "module") -> list[dg.Unit]:
+    """LARV units over the base parameters that the merge covers (``covered``: the delta or task
+    vectors; all of the base when None). A vision-only fine-tune of a full CLIP base thus gets the
+    37 units of a ViT-B/32 vision tower, not a 38th for the untouched ``visual/proj``."""
+    shapes = {p: tuple(np.shape(v)) for p, v in base_flat.items()
+              if covered is None or p in covered}
+    return dg.units(shapes, granularity=granularity)
+
+
 def scale_tree(unit_list: Sequence[dg.Unit], s: Any, shapes: Mapping[str, Sequence[int]]
                ) -> dict[str, np.ndarray]:
     """Per-leaf float32 scales (host numpy): ``[]`` for an unstacked leaf, ``[B, 1, ..]`` for a
@@ -113,7 +123,8 @@ def apply_scales(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any],
 def scale_task_vectors(tau_flat: Mapping[str, Any], unit_list: Sequence[dg.Unit], s: Any,
                        shapes: Mapping[str, Sequence[int]]) -> Flat:
     """``s_l * tau_{i,l}`` for every task i (``apply="pre"``); ``tau_flat`` leaves are
-    ``[K, ..]`` over the parameter ``shapes`` (the per-leaf scales broadcast from the right)."""
+    ``[K, ..]`` (or ``[..]``: a single delta) over the parameter ``shapes`` (the per-leaf scales
+    broadcast from the right)."""
     scales = scale_tree(unit_list, s, shapes)
     return {p: np.asarray(t) * scales[p] for p, t in tau_flat.items()}
 
@@ -184,7 +195,7 @@ def veneer(base: Mapping[str, Any], delta: Mapping[str, Any], *, gate: str = "ti
     """
     base_flat, delta_flat = as_flat(base), as_flat(delta)
     if unit_list is None:
-        unit_list = dg.units(_shapes(base_flat), granularity=granularity)
+        unit_list = units_for(base_flat, delta_flat, granularity)
     if diagnostics is None and (always_diagnose or needs_diagnostics(gate)):
         diagnostics = diagnose(base_flat, delta_flat, unit_list, key=key, mode=mode, cache=cache,
                                **dict(diag_options or {}))
@@ -221,7 +232,7 @@ def task_vectors(base: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) -
     return out
 
 
-def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
+def check_choice(name: str, value: str, valid: Sequence[str]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid: {list(valid)}")
 
@@ -253,42 +264,72 @@ def larv_merge(base: Mapping[str, Any], models: Mapping[str, Any] | Sequence[Map
     Returns ``(params_flat, LarvResult)``; ``LarvResult.report`` has one
     :class:`UnitReport` (name, depth, e, c, z, w, s) per unit.
     """
-    _check_choice("apply mode", apply, APPLY)
-    _check_choice("svc_order", svc_order, SVC_ORDERS)
+    check_pair(apply, svc_order, svc)
     base_flat = as_flat(base)
     tau = as_flat(models) if isinstance(models, Mapping) else task_vectors(base_flat, models)
     if unit_list is None:
-        unit_list = dg.units(_shapes(base_flat), granularity=granularity)
-    shapes = _shapes(base_flat)
-
-    delta = method(tau)
-    if svc is not None and (svc_order == "svc_first" or apply == "pre"):
-        delta = svc(delta, tau)
+        unit_list = units_for(base_flat, tau, granularity)
+    delta = first_pass(tau, method=method, svc=svc, svc_order=svc_order, apply=apply)
     diagnostics = None
     if always_diagnose or needs_diagnostics(gate):
-        diagnostics = diagnose(base_flat, _full(delta, base_flat), unit_list, key=key, mode=mode,
-                               cache=cache, **dict(diag_options or {}))
+        diagnostics = diagnose(base_flat, full_delta(delta, base_flat), unit_list, key=key,
+                               mode=mode, cache=cache, **dict(diag_options or {}))
     res, rows = gate_scales(gate, unit_list, diagnostics, **gate_options)
+    params, final = compose(base_flat, delta, unit_list, res.s, apply=apply, merge=method,
+                            tau=tau, svc=svc, svc_order=svc_order)
+    return params, LarvResult(rows, res.s, diagnostics, final)
 
+
+def first_pass(tau: Mapping[str, Any], *, method: MergeFn, svc: SvcFn | None = None,
+               svc_order: str = "svc_first", apply: str = "post") -> Flat:
+    """The unscaled delta the diagnostics are taken on: ``merge(tau)``, then SVC unless the
+    order is ``larv_first`` (then SVC comes after the scales)."""
+    check_pair(apply, svc_order, svc)
+    delta = method(tau)
+    if svc is not None and svc_order == "svc_first":
+        delta = svc(delta, tau)
+    return delta
+
+
+def check_pair(apply: str, svc_order: str, svc: SvcFn | None) -> None:
+    check_choice("apply mode", apply, APPLY)
+    check_choice("svc_order", svc_order, SVC_ORDERS)
+    if svc is not None and apply == "pre" and svc_order == "larv_first":
+        raise ValueError("apply='pre' scales the task vectors before the merger, so SVC cannot "
+                         "come before LARV's scales: use svc_order='svc_first'")
+
+
+def compose(base_flat: Mapping[str, Any], delta: Mapping[str, Any], unit_list: Sequence[dg.Unit],
+            s: Any, *, apply: str = "post", merge: MergeFn | None = None,
+            tau: Mapping[str, Any] | None = None, svc: SvcFn | None = None,
+            svc_order: str = "svc_first") -> tuple[Flat, Mapping[str, Any]]:
+    """Compose scales ``s[L]`` with the first-pass delta (:func:`first_pass`); returns
+    ``(params_flat, final_delta)``:
+
+    - ``post`` (no SVC or ``svc_first``): ``theta0 + s * D``;
+    - ``post`` + ``larv_first``: ``theta0 + svc(s * D, tau)``;
+    - ``pre``: ``theta0 + [svc](merge(s * tau), s * tau)`` (needs ``merge`` and ``tau``).
+    """
+    check_pair(apply, svc_order, svc)
+    shapes = _shapes(base_flat)
+    ones = np.ones(len(unit_list))
     if apply == "pre":
-        tau_s = scale_task_vectors(tau, unit_list, res.s, shapes)
-        final = method(tau_s)
+        if merge is None or tau is None:
+            raise ValueError("apply='pre' needs the merger and the task vectors")
+        tau_s = scale_task_vectors(tau, unit_list, s, shapes)
+        final = merge(tau_s)
         if svc is not None:
             final = svc(final, tau_s)
-        ones = np.ones(len(unit_list))
-        return apply_scales(base_flat, final, unit_list, ones), LarvResult(
-            rows, res.s, diagnostics, final)
+        return apply_scales(base_flat, final, unit_list, ones), final
     if svc is not None and svc_order == "larv_first":
-        scaled = scale_task_vectors(delta, unit_list, res.s, shapes)
-        final = svc(scaled, tau)
-        ones = np.ones(len(unit_list))
-        return apply_scales(base_flat, final, unit_list, ones), LarvResult(
-            rows, res.s, diagnostics, final)
-    return apply_scales(base_flat, delta, unit_list, res.s), LarvResult(
-        rows, res.s, diagnostics, delta)
+        if tau is None:
+            raise ValueError("svc_order='larv_first' needs the task vectors")
+        final = svc(scale_task_vectors(delta, unit_list, s, shapes), tau)
+        return apply_scales(base_flat, final, unit_list, ones), final
+    return apply_scales(base_flat, delta, unit_list, s), delta
 
 
-def _full(delta: Mapping[str, Any], base_flat: Mapping[str, Any]) -> Mapping[str, Any]:
+def full_delta(delta: Mapping[str, Any], base_flat: Mapping[str, Any]) -> Mapping[str, Any]:
     """The delta with zeros for unit matrices it lacks (the diagnostics read every matrix)."""
     missing = [p for p in base_flat if p not in delta and p.startswith("visual/")]
     if not missing:

@@ -1,0 +1,23 @@
+"""larv run --config configs/b32_ta8.py:checkpoint_dir=checkpoints
+
+LARV on ViT-B/32, TA8 (8 tasks): the paper's data-free mergers (TA, TIES, TSV-M, Iso-C, Iso-CTS,
+each with and without SVC) x gates (none, tiered, continuous), apply="post".
+
+Checkpoints (on disk under ``checkpoint_dir``, e.g. ``checkpoints/openai/clip-vit-base-patch32`` and
+``checkpoints/tanganke/clip-vit-base-patch32_<task>``): base ``openai/clip-vit-base-patch32``,
+models ``tanganke/clip-vit-base-patch32_<task>`` for the first 8 FusionBench tasks
+(``larv_common.TASKS``).
+
+Expected numbers: none known to this repository yet (no run on the real checkpoints has been
+recorded here). With ``eval=True,data_dir=...`` in the arg the grid also reports zero-shot top-1
+per task; compare against the LARV paper's Table 1 (ViT-B/32, TA8) once measured.
+
+Args (comma separated, e.g. ``:quick,checkpoint_dir=/data/ckpt,eval=True,data_dir=/data/tfds``):
+quick (shrink for tests), checkpoint_dir, eval, data_dir.
+"""
+
+import larv_common
+
+
+def get_config(arg=None):
+    return larv_common.get_base_config("b32", "ta8", arg)

@@ -1,0 +1,141 @@
+"""``--larv`` flags for any command that produces a merged delta (``larv merge``, ``larv demo``).
+
+Wiring, in the command's module::
+
+    from larv_jax.larv import flags as larv_flags          # light: argparse only
+    larv_flags.add_arguments(parser)                       # in add_parser()
+    params, result = larv_flags.apply(args, base=theta0, delta=D, merge=merge_fn, tau=tau)
+                                                           # in run(), after the merge
+
+Flags: ``--larv SPEC`` (``none`` default: the plain merge), ``--larv-set KEY=VALUE`` (repeatable gate
+and score options), ``--larv-apply post|pre``, ``--larv-granularity module|block``,
+``--larv-mode randomized|exact``, ``--larv-base-mode exact|randomized``, ``--larv-seed N``,
+``--larv-k/p/q``, ``--larv-svc-order svc_first|larv_first``.
+
+Module-level imports stay light (argparse): CLI modules are all imported to build the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+SPEC_HELP = ("LARV gate or depth schedule: tiered | continuous | none | uniform(C) | linear | "
+             "tier2 | tier3 | tier6 | tier12 | thirds(S_S,S_M,S_D); options in parentheses, e.g. "
+             "'tiered(alpha=0.25)' (default: none = the plain merge)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--larv*`` flags (in their own argument group) to ``parser``."""
+    g = parser.add_argument_group("LARV veneer (SPEC §3)")
+    g.add_argument("--larv", default="none", metavar="SPEC", help=SPEC_HELP)
+    g.add_argument("--larv-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="gate/score option, repeatable: alpha, beta, tiers=0.5,1,1.5, gamma, "
+                        "eta, rho, zeta, use_e, use_r, use_c=false (default: the paper's values)")
+    g.add_argument("--larv-apply", choices=("post", "pre"), default="post",
+                   help="post: theta0 + s*D; pre: scale each task vector before the merger, s from "
+                        "the unscaled merge (default: post)")
+    g.add_argument("--larv-granularity", choices=("module", "block"), default="module",
+                   help="LARV units: module (L = 1 + 3B (+1)) or block (L = B) (default: module)")
+    g.add_argument("--larv-mode", choices=("randomized", "exact"), default="randomized",
+                   help="diagnostics of the merged delta (default: randomized)")
+    g.add_argument("--larv-base-mode", choices=("exact", "randomized"), default="exact",
+                   help="r_eff of the pretrained weights (default: exact)")
+    g.add_argument("--larv-seed", type=int, default=0,
+                   help="PRNG seed of the randomized SVD (default: 0)")
+    g.add_argument("--larv-k", type=int, default=64, help="randomized SVD rank (default: 64)")
+    g.add_argument("--larv-p", type=int, default=10, help="oversampling (default: 10)")
+    g.add_argument("--larv-q", type=int, default=2, help="power iterations (default: 2)")
+    g.add_argument("--larv-svc-order", choices=("svc_first", "larv_first"), default="svc_first",
+                   help="with SVC: merge -> SVC -> LARV (svc_first) or merge -> LARV -> SVC "
+                        "(default: svc_first)")
+    return parser
+
+
+def enabled(args: argparse.Namespace) -> bool:
+    """True when ``--larv`` asks for anything but the plain merge."""
+    from larv_jax.larv import schedules
+
+    spec = getattr(args, "larv", "none")
+    return not schedules.is_identity(spec, **schedules.parse_options(args.larv_set))
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`larv_jax.larv.veneer.larv_merge` / ``veneer`` from the flags
+    (gate options included)."""
+    from larv_jax.larv import schedules
+
+    schedules.parse_spec(args.larv)  # unknown names fail here, before any work
+    return dict(gate=args.larv, granularity=args.larv_granularity, mode=args.larv_mode,
+                diag_options={"k": args.larv_k, "p": args.larv_p, "q": args.larv_q},
+                **schedules.parse_options(args.larv_set))
+
+
+def svc_before_larv(args: argparse.Namespace) -> bool:
+    """Whether the merge command should apply SVC to D itself before calling :func:`apply`
+    (True unless ``--larv-svc-order larv_first`` with a non-trivial ``--larv``)."""
+    return not (enabled(args) and args.larv_svc_order == "larv_first")
+
+
+def apply(args: argparse.Namespace, *, base: Mapping[str, Any], delta: Mapping[str, Any],
+          merge: Callable | None = None, tau: Mapping[str, Any] | None = None,
+          svc: Callable | None = None) -> tuple[dict[str, Any], Any]:
+    """Apply the ``--larv*`` flags to a finished merge.
+
+    Args:
+      args: parsed arguments (after :func:`add_arguments`).
+      base: theta0, flat or nested (Flax layout).
+      delta: the merged delta D (including the merger's coefficient), calibrated by SVC when SVC
+        is on and :func:`svc_before_larv` is True; the uncalibrated D otherwise.
+      merge, tau: the merger ``merge(tau_flat) -> delta_flat`` and the task vectors
+        ``{path: [K, ..]}``; needed only for ``--larv-apply pre``.
+      svc: ``svc(delta_flat, tau_flat) -> delta_flat`` when SVC is on (needed for
+        ``--larv-svc-order larv_first`` and for ``--larv-apply pre``; ignored otherwise).
+
+    Returns ``(params_flat, LarvResult)``; ``--larv none`` gives ``theta0 + D`` bit for bit and a
+    report of scales 1.
+    """
+    import jax
+
+    from larv_jax import diagnostics as dg
+    from larv_jax.larv import veneer as V
+
+    opts = options(args)
+    gate = opts.pop("gate")
+    granularity = opts.pop("granularity")
+    mode = opts.pop("mode")
+    diag_options = opts.pop("diag_options")
+    base_flat = V.as_flat(base)
+    delta_flat = V.as_flat(delta)
+    svc_order = args.larv_svc_order
+    if svc is not None and args.larv_apply == "post" and svc_order == "svc_first":
+        svc = None  # already in D; compose() would not use it anyway
+    V.check_pair(args.larv_apply, svc_order, svc)
+    key = jax.random.PRNGKey(args.larv_seed)
+    unit_list = V.units_for(base_flat, delta_flat, granularity)
+    diagnostics = None
+    if V.needs_diagnostics(gate):
+        cache = dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode, key=key)
+        diagnostics = V.diagnose(base_flat, V.full_delta(delta_flat, base_flat), unit_list,
+                                 key=key, mode=mode, cache=cache, **diag_options)
+    res, rows = V.gate_scales(gate, unit_list, diagnostics, **opts)
+    params, final = V.compose(base_flat, delta_flat, unit_list, res.s, apply=args.larv_apply,
+                              merge=merge, tau=None if tau is None else V.as_flat(tau), svc=svc,
+                              svc_order=svc_order)
+    return params, V.LarvResult(rows, res.s, diagnostics, dict(final))
+
+
+def format_report(result: Any) -> str:
+    """The per-unit report as a fixed-width text table (name, depth, e, c, z, w, s)."""
+    f = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    lines = [f"{'unit':<12} {'depth':>5} {'e':>9} {'c':>9} {'z':>9} {'w':>9} {'s':>7}"]
+    for r in result.report:
+        lines.append(f"{r.name:<12} {r.depth:>5} {f(r.e):>9} {f(r.c):>9} {f(r.z):>9} "
+                     f"{f(r.w):>9} {r.s:>7.4g}")
+    return "\n".join(lines)
+
+
+def report_rows(result: Any) -> list[dict[str, Any]]:
+    """JSON-friendly per-unit report."""
+    return [r._asdict() for r in result.report]
