@@ -1,0 +1,315 @@
+"""Streaming merge engine: the registry's pure functions run over checkpoints on disk.
+
+Nothing here holds K models: :class:`TaskVectors` is a lazy ``{path: tau [K, ...]}`` mapping that
+reads one Flax leaf of each checkpoint on access (``ckpt.leaf(path)``), subtracts the base leaf and
+hands the ``[K, ...]`` block to the method, which touches one leaf at a time (TIES makes three
+such passes: histogram, bucket gather, merge). Resident memory is therefore about one merged model
+(the delta) plus K copies of the largest leaf.
+
+The LARV veneer hooks in between the two steps of :func:`merge_checkpoints`:
+
+    result = merge_delta(base, models, "ties")            # delta D (coefficient included) + report
+    scales = ...                                          # per-leaf s (scalar, or [B] per block)
+    params = apply_delta(base, result.delta, scales=scales)   # theta0 + s * D
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from larv_jax import tree
+
+Flat = dict[str, np.ndarray]
+
+
+class MergeResult(NamedTuple):
+    delta: Flat          # {path: D}, Flax layout, float32; only leaves the models carry
+    report: dict         # JSON-serialisable: method, hparams, inputs, versions, timings
+
+
+def _open(ckpt: Any):
+    if isinstance(ckpt, (str, Path)):
+        from larv_jax.checkpoint import load_checkpoint
+
+        return load_checkpoint(ckpt)
+    return ckpt
+
+
+def _name(ckpt: Any) -> str:
+    return str(getattr(ckpt, "origin", ckpt))
+
+
+class TaskVectors(Mapping):
+    """Lazy ``{path: tau [K, ...]}``: ``tau_k = model_k.leaf(path) - base.leaf(path)``, float32.
+
+    Checks on first read of each leaf: same shape as the base, all finite (a ValueError naming the
+    file and the key otherwise). Returned arrays are fresh (``fresh = True``): consumers may
+    modify them in place.
+    """
+
+    fresh = True
+
+    def __init__(self, base: Any, models: Sequence[Any], paths: Sequence[str]):
+        self.base = base
+        self.models = list(models)
+        self.paths = list(paths)
+        self._path_set = set(self.paths)
+        self.num_tasks = len(self.models)
+        self.read_s = 0.0
+        self._checked: set[str] = set()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._path_set
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        t0 = time.perf_counter()
+        check = path not in self._checked
+        b = _read(self.base, path, check)
+        out = np.empty((self.num_tasks,) + b.shape, np.float32)
+        for k, m in enumerate(self.models):
+            x = _read(m, path, check)
+            if x.shape != b.shape:
+                raise ValueError(f"{_name(m)}: {path!r} has shape {x.shape}; the base "
+                                 f"{_name(self.base)} has {b.shape}")
+            np.subtract(x, b, out=out[k])
+            del x
+        self._checked.add(path)
+        self.read_s += time.perf_counter() - t0
+        return out
+
+
+def _read(ckpt: Any, path: str, check: bool) -> np.ndarray:
+    x = np.asarray(ckpt.leaf(path), dtype=np.float32)
+    if check and not np.isfinite(x).all():
+        bad = int(np.size(x) - np.isfinite(x).sum())
+        raise ValueError(f"{_name(ckpt)}: {path!r} has {bad} NaN/Inf value(s)")
+    return x
+
+
+def _validate(base: Any, models: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """(paths merged, paths copied from the base); ValueError naming the file and key otherwise."""
+    if not models:
+        raise ValueError("no fine-tuned models given (models is empty)")
+    base_paths = list(base.paths())
+    first = list(models[0].paths())
+    first_set = set(first)
+    for m in models[1:]:
+        ps = set(m.paths())
+        if ps != first_set:
+            extra = sorted(ps - first_set)
+            lack = sorted(first_set - ps)
+            key = extra[0] if extra else lack[0]
+            what = "has" if extra else "lacks"
+            raise ValueError(f"{_name(m)}: {what} parameter {key!r} (compared with "
+                             f"{_name(models[0])}); fine-tuned checkpoints must have the same keys")
+    unknown = sorted(first_set - set(base_paths))
+    if unknown:
+        raise ValueError(f"{_name(models[0])}: parameter {unknown[0]!r} is not in the base "
+                         f"{_name(base)}")
+    for p in first:
+        want = tuple(base.shape(p))
+        for m in models:
+            got = tuple(m.shape(p))
+            if got != want:
+                raise ValueError(f"{_name(m)}: {p!r} has shape {got}; the base {_name(base)} "
+                                 f"has {want}")
+    merged = [p for p in base_paths if p in first_set]
+    copied = [p for p in base_paths if p not in first_set]
+    return merged, copied
+
+
+def resolve_hparams(method: str, hparams: Mapping[str, Any], *,
+                    model: str | None = None) -> dict[str, Any]:
+    """Every keyword of ``METHODS[method]`` with its value (given, else the preset's default).
+
+    Unknown keywords raise a ValueError naming them; ``model`` fills Iso-C's ``model`` argument.
+    """
+    from larv_jax.merging import get_method
+
+    fn = get_method(method)
+    params = {n: p for n, p in inspect.signature(fn).parameters.items()
+              if p.kind == p.KEYWORD_ONLY}
+    extra_ok = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    unknown = sorted(set(hparams) - set(params))
+    if unknown and not extra_ok:
+        raise ValueError(f"{method}: unknown hyperparameter(s) {unknown}; valid: {sorted(params)}")
+    out = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    if "model" in params and model is not None:
+        out["model"] = model
+    out.update(hparams)
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, Mapping):
+        return f"<{len(v)} entries>"
+    return repr(v)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("larv_jax", "jax", "jaxlib", "flax", "numpy", "scipy", "safetensors"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _describe(ckpt: Any, hash_inputs: bool) -> dict[str, Any]:
+    from larv_jax.io import sha256_file
+
+    files = [Path(f) for f in getattr(ckpt, "files", [])]
+    return {"path": _name(ckpt), "source_dtype": str(getattr(ckpt, "source_dtype", "float32")),
+            "files": [{"file": str(f), "sha256": sha256_file(f) if hash_inputs else None}
+                      for f in files]}
+
+
+def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = False,
+                svc_alpha: float | None = None, hash_inputs: bool = True,
+                **hparams: Any) -> MergeResult:
+    """Merge fine-tuned checkpoints into a delta, streaming leaf by leaf.
+
+    ``base`` / ``models``: paths (opened with :func:`larv_jax.checkpoint.load_checkpoint`) or
+    opened checkpoints (anything with ``paths()``, ``shape(path)``, ``leaf(path)``). ``method`` is a
+    :data:`larv_jax.merging.METHODS` name; ``hparams`` override its defaults. With ``svc`` the
+    delta is post-processed by :func:`larv_jax.merging.svc` (``svc_alpha`` defaults to the
+    method's value, :data:`larv_jax.merging.SVC_ALPHA`).
+
+    Returns ``MergeResult(delta, report)``: ``delta`` ``{path: D}`` (float32, Flax layout, the
+    method's coefficient included) for every leaf the fine-tuned models carry; base leaves they
+    lack (e.g. the text tower when the models are ``CLIPVisionModel``) are listed in
+    ``report["copied_from_base"]`` and have no delta. Float16 / bfloat16 inputs are read as
+    float32 (``report["upcast"]``).
+    """
+    from larv_jax.merging import get_method
+    from larv_jax.merging import svc as svc_fn
+    from larv_jax.merging import svc_alpha as default_alpha
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    fn = get_method(method)
+    base = _open(base)
+    models = [_open(m) for m in models]
+    merged_paths, copied = _validate(base, models)
+    config = getattr(base, "config", None)
+    hp = resolve_hparams(method, hparams, model=getattr(config, "name", None))
+    alpha = None
+    if svc:
+        alpha = default_alpha(method) if svc_alpha is None else float(svc_alpha)
+    elif svc_alpha is not None:
+        raise ValueError("svc_alpha is given but svc is False")
+    timings["open_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    inputs = {"base": _describe(base, hash_inputs),
+              "models": [_describe(m, hash_inputs) for m in models]}
+    timings["hash_s"] = time.perf_counter() - t0
+
+    tv = TaskVectors(base, models, merged_paths)
+    t0 = time.perf_counter()
+    delta = fn(tv, **hp)
+    timings["merge_s"] = time.perf_counter() - t0
+    if svc:
+        t0 = time.perf_counter()
+        delta = svc_fn(delta, tv, alpha=alpha, exclude=hp.get("exclude", ()))
+        timings["svc_s"] = time.perf_counter() - t0
+    timings["read_s"] = tv.read_s
+
+    upcast = [d["path"] for d in [inputs["base"], *inputs["models"]]
+              if d["source_dtype"] not in ("float32",)]
+    report = {
+        "method": method,
+        "hparams": {k: _jsonable(v) for k, v in hp.items()},
+        "svc": {"alpha": alpha} if svc else None,
+        "num_tasks": len(models),
+        "inputs": inputs,
+        "upcast_to_float32": upcast,
+        "merged_leaves": len(merged_paths),
+        "merged_params": int(sum(int(np.prod(base.shape(p))) for p in merged_paths)),
+        "copied_from_base": copied,
+        "config": getattr(config, "name", None),
+        "versions": _versions(),
+        "timings": timings,
+    }
+    return MergeResult(delta, report)
+
+
+def _scale_for(scales: Any, path: str, shape: Sequence[int]) -> Any:
+    if scales is None:
+        return None
+    s = scales(path) if callable(scales) else scales.get(path, None)
+    if s is None:
+        return None
+    s = np.asarray(s, dtype=np.float32)
+    if s.ndim == 1 and tree.is_stacked(path) and s.shape[0] == shape[0]:
+        return s.reshape((-1,) + (1,) * (len(shape) - 1))
+    if s.ndim != 0:
+        raise ValueError(f"scale for {path!r} has shape {s.shape}; expected a scalar or "
+                         f"[{shape[0]}] per block of a stacked leaf")
+    return s
+
+
+def apply_delta(base: Any, delta: Mapping[str, np.ndarray], *,
+                scales: Mapping[str, Any] | Callable[[str], Any] | None = None,
+                consume: bool = False) -> Flat:
+    """``theta = theta0 + s * D`` for every leaf of the base (``s = 1`` where ``scales`` gives
+    none; leaves without a delta are the base's, unchanged).
+
+    ``base``: an opened checkpoint, a path, or a flat ``{path: array}``. ``scales``: ``{path: s}``
+    or ``s(path)``; ``s`` is a scalar or, for stacked leaves, one value per block ``[B]``. With
+    ``consume`` the entries of ``delta`` (a dict) are released as they are used.
+    """
+    if isinstance(base, Mapping):
+        paths, get = list(base), lambda p: np.asarray(base[p], dtype=np.float32)
+    else:
+        base = _open(base)
+        paths, get = list(base.paths()), base.leaf
+    unknown = sorted(set(delta) - set(paths))
+    if unknown:
+        raise ValueError(f"delta has leaves the base lacks: {unknown[:5]}")
+    out: Flat = {}
+    for p in paths:
+        theta = np.array(get(p), dtype=np.float32)
+        if p in delta:
+            d = delta.pop(p) if consume else delta[p]
+            s = _scale_for(scales, p, theta.shape)
+            theta += d if s is None else s * d
+        out[p] = theta
+    return out
+
+
+def merge_checkpoints(base: Any, models: Sequence[Any], method: str, *,
+                      scales: Mapping[str, Any] | Callable[[str], Any] | None = None,
+                      **kwargs: Any) -> tuple[Flat, dict]:
+    """:func:`merge_delta` then :func:`apply_delta`: ``(merged flat params, report)``.
+
+    ``kwargs`` are those of :func:`merge_delta` (``svc``, ``svc_alpha``, ``hash_inputs``, method
+    hyperparameters); ``scales`` those of :func:`apply_delta` (the LARV veneer's per-leaf ``s``).
+    """
+    base = _open(base)
+    delta, report = merge_delta(base, models, method, **kwargs)
+    t0 = time.perf_counter()
+    params = apply_delta(base, delta, scales=scales, consume=True)
+    report["timings"]["apply_s"] = time.perf_counter() - t0
+    report["scaled"] = scales is not None
+    return params, report

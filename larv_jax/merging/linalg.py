@@ -1,0 +1,147 @@
+"""Float64 matrix kernels for the spectral mergers (TSV-M, Iso-C, Iso-CTS, SVC).
+
+Every kernel takes one matrix in the PyTorch layout ``[out, in]`` (or ``[K, out, in]`` task
+stacks) and computes in float64. Singular triplets come from the eigendecomposition of the
+float64 Gram matrix of the smaller side (``A = U S V^T`` with ``A^T A = V S^2 V^T``,
+``U = A V / S``) rather than from an SVD: on this project's 2-core CPU a float64 Gram + ``eigh``
+of a 768 x 768 matrix takes 0.055 s against 0.18 s (numpy float64), 0.25 s (numpy float32) and
+0.32 s (``jnp.linalg.svd`` under ``jit``) for an SVD; a top-k subset (``syevr``) is cheaper still
+(0.043 s for k = 96, 0.025 s for k = 19). In float64 the Gram squaring costs nothing visible at
+float32 output precision: singular values below ``sqrt(n * eps64) * sigma_1`` (about 4e-7 of the
+largest) are treated as exactly zero and their singular vectors as undefined (the left vector is
+set to 0). Where a factor is therefore not unique (an exactly rank-deficient matrix) the polar
+factor returned is the partial isometry that is zero on the null space; an SVD would instead pick
+an arbitrary completion.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_EPS = np.finfo(np.float64).eps
+
+
+def _eigh(g: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (all when None) eigenpairs of a symmetric matrix, descending."""
+    n = g.shape[0]
+    try:
+        import scipy.linalg as sl
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        sl = None
+    if sl is not None and k is not None and k < n:
+        lam, v = sl.eigh(g, subset_by_index=[n - k, n - 1], driver="evr",
+                         overwrite_a=True, check_finite=False)
+    elif sl is not None:
+        lam, v = sl.eigh(g, driver="evd", overwrite_a=True, check_finite=False)
+    else:  # pragma: no cover
+        lam, v = np.linalg.eigh(g)
+        if k is not None:
+            lam, v = lam[n - k:], v[:, n - k:]
+    return lam[::-1], v[:, ::-1]
+
+
+def svd(a: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``k`` singular triplets of ``a [m, n]`` (all ``min(m, n)`` when None), float64.
+
+    Returns ``U [m, k]``, ``S [k]`` (descending), ``Vt [k, n]``.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    m, n = a.shape
+    if m < n:
+        u, s, vt = svd(a.T, k)
+        return vt.T, s, u.T
+    k = n if k is None else min(int(k), n)
+    if k <= 0:
+        return np.zeros((m, 0)), np.zeros((0,)), np.zeros((0, n))
+    lam, v = _eigh(a.T @ a, k)
+    s = np.sqrt(np.clip(lam, 0.0, None))
+    good = s > (s[0] if s.size else 0.0) * np.sqrt(n * _EPS)
+    s = np.where(good, s, 0.0)
+    u = (a @ v) / np.where(good, s, 1.0)
+    u[:, ~good] = 0.0
+    return u, s, v.T
+
+
+def polar(a: np.ndarray) -> np.ndarray:
+    """Orthogonal polar factor ``P Q^T`` of ``a [m, p]`` (``a = P S Q^T``), ``p <= m``, float64."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape[1] > a.shape[0]:
+        return polar(a.T).T
+    if a.shape[1] == 0:
+        return a.copy()
+    lam, w = _eigh(a.T @ a, None)
+    s = np.sqrt(np.clip(lam, 0.0, None))
+    good = s > (s[0] if s.size else 0.0) * np.sqrt(a.shape[1] * _EPS)
+    inv = np.where(good, 1.0 / np.where(good, s, 1.0), 0.0)
+    return a @ ((w * inv) @ w.T)
+
+
+def iso_c_matrix(taus: np.ndarray) -> np.ndarray:
+    """Iso-C for one matrix: ``M = sum_k taus[k] = U S V^T`` -> ``mean(S) U V^T`` (``[m, n]``)."""
+    m = np.sum(np.asarray(taus, dtype=np.float64), axis=0)
+    u, s, vt = svd(m)
+    return np.mean(s) * (u @ vt) if s.size else np.zeros_like(m)
+
+
+def tsv_m_matrix(taus: np.ndarray) -> np.ndarray:
+    """TSV-M for one matrix: top ``floor(r/K)`` triplets per task, polar factors of the
+    concatenated bases, ``U_perp diag(sigma_bar) V_perp^T``."""
+    taus = np.asarray(taus, dtype=np.float64)
+    num, m, n = taus.shape
+    k = min(m, n) // num
+    if k == 0:
+        return np.zeros((m, n))
+    us, ss, vs = [], [], []
+    for t in taus:
+        u, s, vt = svd(t, k)
+        us.append(u), ss.append(s), vs.append(vt.T)
+    u_perp = polar(np.concatenate(us, axis=1))
+    v_perp = polar(np.concatenate(vs, axis=1))
+    return (u_perp * np.concatenate(ss)) @ v_perp.T
+
+
+def iso_cts_sizes(r: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """``(c, d)``: common-subspace size and per-task size for rank ``r`` (SPEC §4, Python round)."""
+    c0 = int(np.floor(r * common_fraction))
+    s = int(round((r - c0) / num_tasks)) * num_tasks
+    c = r - s
+    return c, (r - c) // num_tasks
+
+
+def iso_cts_matrix(taus: np.ndarray, common_fraction: float) -> np.ndarray:
+    """Iso-CTS for one matrix (before the global ``lam``)."""
+    taus = np.asarray(taus, dtype=np.float64)
+    num, m, n = taus.shape
+    c, d = iso_cts_sizes(min(m, n), num, common_fraction)
+    uc, sc, vtc = svd(np.sum(taus, axis=0), c)
+    us, ss, vs = [], [], []
+    for t in taus:
+        u, s, vt = svd(t - uc @ (uc.T @ t), d)
+        us.append(u), ss.append(s), vs.append(vt.T)
+    us.append(uc), ss.append(sc), vs.append(vtc.T)
+    s_all = np.concatenate(ss)
+    if not s_all.size:
+        return np.zeros((m, n))
+    u_perp = polar(np.concatenate(us, axis=1))
+    v_perp = polar(np.concatenate(vs, axis=1))
+    return np.mean(s_all) * (u_perp @ v_perp.T)
+
+
+def svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float) -> np.ndarray:
+    """Singular value calibration of one merged delta ``[m, n]`` against ``taus [K, m, n]``.
+
+    ``s_r^i = <S_r v_r, u_r^T tau_i> / max(||u_r^T tau_i||^2, 1e-12)`` (NaN / -inf -> alpha),
+    ``gamma_r = K / sum_i max(s_r^i, alpha)``, ``S'_r = gamma_r S_r``.
+    """
+    dm = np.asarray(merged, dtype=np.float64)
+    taus = np.asarray(taus, dtype=np.float64)
+    u, s, vt = svd(dm)
+    a_i = np.einsum("mr,kmn->krn", u, taus)                  # rows u_r^T tau_i
+    a_m = s[:, None] * vt                                    # rows u_r^T D_m = S_r v_r^T
+    num = np.einsum("rn,krn->kr", a_m, a_i)
+    den = np.maximum(np.einsum("krn,krn->kr", a_i, a_i), 1e-12)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = num / den
+    ratio = np.where(np.isnan(ratio) | np.isneginf(ratio), alpha, ratio)
+    gamma = taus.shape[0] / np.sum(np.maximum(ratio, alpha), axis=0)
+    return (u * (gamma * s)) @ vt
