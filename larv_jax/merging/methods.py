@@ -92,7 +92,7 @@ def _matrix_map(path: str, taus: np.ndarray, fn: Callable[[np.ndarray], np.ndarr
     """Apply ``fn(taus [K, out, in]) -> [out, in]`` to a leaf ``[K, (B,) ...]`` in Flax layout,
     each of the B stacked matrices independently."""
     shape = taus.shape[1:]
-    mats = tree.to_matrix(path, taus)                        # [K, (B,) out, in]
+    mats = np.stack([tree.to_matrix(path, t) for t in taus])  # [K, (B,) out, in]
     if tree.is_stacked(path):
         out = np.stack([fn(mats[:, b]) for b in range(mats.shape[1])])
     else:
