@@ -11,7 +11,6 @@ from larv_jax import tree as ltree
 from larv_jax.checkpoint import save_hf
 from larv_jax.cli import main
 from larv_jax.larv import grid
-from larv_jax.larv import mergers as M
 from larv_jax.larv import veneer as V
 from larv_jax.models.clip import abstract_params
 from larv_jax.models.config import CLIPConfig, TextConfig, VisionConfig
@@ -57,16 +56,6 @@ def zoo(tmp_path_factory):
         save_hf(m, vision_cfg, root / "tanganke" / f"clip-vit-base-patch32_{task}")
         models.append(m)
     return root, base, models
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """The merging registry; until larv_jax.merging exposes METHODS, the references above."""
-    try:
-        from larv_jax.merging import METHODS  # noqa: F401
-    except ImportError:
-        monkeypatch.setattr(M, "_registry", lambda: {"task_arithmetic": _reference_ta,
-                                                     "ties": _reference_ties_like})
 
 
 @pytest.fixture
@@ -127,7 +116,7 @@ def test_run_grid_reuses_diagnostics(zoo, counting):
     assert rows[0]["tiers"] == {"1": 7}
 
 
-def test_larv_run_cli_quick(zoo, registry, counting, tmp_path, capsys):
+def test_larv_run_cli_quick(zoo, counting, tmp_path, capsys):
     root, base, models = zoo
     out = tmp_path / "out"
     rc = main(["run", "--config", f"configs/b32_ta8.py:quick,checkpoint_dir={root}",

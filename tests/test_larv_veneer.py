@@ -212,3 +212,37 @@ def test_cli_flags_hook(zoo):
         np.testing.assert_allclose(params_pre[p], params_post[p], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="unknown LARV gate"):
         flags.apply(parser.parse_args(["--larv", "bogus"]), base=base, delta=delta)
+
+
+def test_every_registry_merger_under_larv(zoo):
+    from larv_jax.merging import METHODS
+
+    base, models = zoo
+    tau = V.task_vectors(base, models)
+    for name, fn in METHODS.items():
+        plain, _ = V.larv_merge(base, tau, method=name, gate="none")
+        delta = fn(tau)
+        for p in base:
+            np.testing.assert_array_equal(plain[p], base[p] + np.asarray(delta[p], np.float32),
+                                          err_msg=f"{name} {p}")
+        params, res = V.larv_merge(base, tau, method=name, gate="tiered", svc=True)
+        assert all(np.isfinite(v).all() for v in params.values()), name
+        assert sorted(set(res.s.tolist())) == [0.5, 1.0, 1.5], name
+
+
+def test_checkpoint_inputs_stream_and_match_memory(zoo, tmp_path):
+    from larv_jax.checkpoint import save_hf
+
+    base, models = zoo
+    save_hf(base, TINY, tmp_path / "base")
+    paths = []
+    for k, m in enumerate(models):
+        save_hf(m, TINY, tmp_path / f"m{k}")
+        paths.append(tmp_path / f"m{k}")
+    for kw in ({"gate": "tiered"}, {"gate": "tiered", "apply": "pre"},
+               {"gate": "continuous", "svc": True}):
+        a, ra = V.larv_merge(tmp_path / "base", paths, method="ties", **kw)
+        b, rb = V.larv_merge(base, models, method="ties", **kw)
+        np.testing.assert_array_equal(ra.s, rb.s)
+        for p in base:
+            np.testing.assert_array_equal(a[p], b[p], err_msg=f"{kw} {p}")

@@ -172,6 +172,7 @@ def _evaluator(config, base_ckpt_dir: Path, base_flat, model_config):
 
 def run(args: argparse.Namespace) -> int:
     import collections
+    import functools
     import json
     import time
 
@@ -233,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     for row in grid.run_grid(
             base=base_flat, tau=tau, mergers=mergers, gates=gates,
-            resolve_merger=M.merger, resolve_svc=M.svc, granularity=config.granularity,
+            resolve_merger=functools.partial(M.merger, model=base_ckpt.config.name),
+            resolve_svc=M.svc, granularity=config.granularity,
             diag_mode=d.mode, base_mode=d.base_mode, seed=int(d.seed),
             diag_options={"k": int(d.k), "p": int(d.p), "q": int(d.q)}, evaluate=evaluate,
             counters=counters, on_diagnostics=on_diagnostics,

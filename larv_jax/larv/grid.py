@@ -61,7 +61,8 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
         (only ``gate`` is required). ``options`` hold gate and score options (``alpha``,
         ``use_c``, ...).
       resolve_merger: ``resolve_merger(method, **options) -> merge(tau_flat) -> delta_flat``
-        (:func:`larv_jax.larv.merger`). resolve_svc: ``resolve_svc(**svc_options) -> svc``.
+        (:func:`larv_jax.larv.mergers.merger`). resolve_svc: ``resolve_svc(method, **svc_options)
+        -> svc`` (:func:`larv_jax.larv.mergers.svc`).
       granularity: LARV units (``module`` | ``block``).
       diag_mode / base_mode: diagnostics mode of D and of the base cache; ``seed`` keys the
         randomized SVD; ``diag_options`` (k, p, q, eps, zero_rtol) pass through.
@@ -97,7 +98,7 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
         if m.get("svc"):
             if resolve_svc is None:
                 raise ValueError(f"merger {label!r} asks for SVC but no SVC resolver was given")
-            svc = resolve_svc(**dict(m.get("svc_options") or {}))
+            svc = resolve_svc(method, **dict(m.get("svc_options") or {}))
         svc_order = m.get("svc_order", "svc_first")
         counted_merge = _counting(merge, counters, "merge")
         counted_svc = None if svc is None else _counting(svc, counters, "svc")

@@ -28,34 +28,44 @@ def names() -> list[str]:
     return sorted(_registry())
 
 
-def merger(name: str, **options: Any):
+def merger(name: str, *, model: str | None = None, **options: Any):
     """``merge(tau_flat) -> delta_flat`` for registry method ``name`` with its options.
 
-    ``tau_flat``: ``{path: [K, ..]}`` task vectors (Flax layout, stacked blocks); the delta
-    includes the method's own coefficient (SPEC §4). Unknown names raise ValueError listing the
-    valid ones.
+    ``tau_flat``: ``{path: [K, ..]}`` task vectors (Flax layout, stacked blocks; lazy mappings
+    stream); the delta includes the method's own coefficient (SPEC §4). ``model`` (a
+    ``CLIPConfig.name`` such as ``ViT-B-32``) picks per-backbone defaults (Iso-C's scale).
+    Unknown names or options raise ValueError listing the valid ones.
     """
     registry = _registry()
     if name not in registry:
         raise ValueError(f"unknown merge method {name!r}; valid: {sorted(registry)}")
     fn = registry[name]
     _check_options(name, fn, options)
+    from larv_jax.merging import resolve_hparams
+
+    hparams = resolve_hparams(name, options, model=model)
 
     def merge(tau: Mapping[str, Any]) -> dict[str, Any]:
-        delta = fn(tau, **options)
+        delta = fn(tau, **hparams)
         return {p: np.asarray(v, np.float32) for p, v in _flat(delta).items()}
 
     merge.__name__ = f"merge_{name}"
+    merge.method_name = name
+    merge.hparams = hparams
     return merge
 
 
-def svc(**options: Any):
-    """``svc(delta_flat, tau_flat) -> delta_flat``: singular value calibration (SPEC §5)."""
+def svc(method: str | None = None, **options: Any):
+    """``svc(delta_flat, tau_flat) -> delta_flat``: singular value calibration (SPEC §5), with
+    ``alpha`` defaulting to the base merger's value (:data:`larv_jax.merging.SVC_ALPHA`)."""
     try:
         from larv_jax.merging import svc as svc_fn
+        from larv_jax.merging import svc_alpha
     except ImportError as e:
         raise ImportError(f"SVC needs larv_jax.merging.svc ({e})") from None
     _check_options("svc", svc_fn, options)
+    if "alpha" not in options:
+        options["alpha"] = svc_alpha(method) if method else 0.1
 
     def calibrate(delta: Mapping[str, Any], tau: Mapping[str, Any]) -> dict[str, Any]:
         out = svc_fn(delta, tau, **options)

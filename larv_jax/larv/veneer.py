@@ -17,7 +17,7 @@ output, and the final pass is ``svc(merge(s * tau), s * tau)``; ``pre`` with ``l
 rejected as contradictory.
 
 A *merger* here is any function ``merge(tau_flat) -> delta_flat`` on flat ``{path: [K, ...]}``
-task vectors (use :func:`larv_jax.larv.merger` to get one from the merging registry by name); an
+task vectors (:func:`larv_jax.larv.mergers.merger` gets one from the merging registry by name); an
 *SVC* is ``svc(delta_flat, tau_flat) -> delta_flat``. Keeping them plain callables lets the veneer run
 over every registry entry, presets included, and over user functions.
 """
@@ -58,11 +58,38 @@ class UnitReport(NamedTuple):
     s: float
 
 
-def as_flat(params: Mapping[str, Any]) -> Flat:
-    """Flat ``{path: leaf}`` view of a nested or already flat parameter tree."""
+def as_flat(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Flat ``{path: leaf}`` view of a nested or already flat parameter tree. Only plain dicts
+    can be nested; any other Mapping (e.g. the lazy :class:`larv_jax.merging.TaskVectors`) is
+    flat by contract and returned as is, unread."""
+    if not isinstance(params, dict):
+        return params
     if any(isinstance(v, Mapping) for v in params.values()):
         return ltree.flatten(params)
     return dict(params)
+
+
+class ScaledTaskVectors(Mapping):
+    """Lazy ``{path: s_leaf * tau[path]}`` over a (possibly lazy) task-vector mapping: ``pre``
+    keeps the streaming engine streaming (nothing is read until the merger asks for a leaf)."""
+
+    fresh = True
+
+    def __init__(self, tau: Mapping[str, Any], scales: Mapping[str, np.ndarray]):
+        self.tau, self.scales = tau, scales
+        self.num_tasks = getattr(tau, "num_tasks", None)
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        return np.asarray(self.tau[path], np.float32) * self.scales[path]
+
+    def __iter__(self):
+        return iter(self.tau)
+
+    def __len__(self) -> int:
+        return len(self.tau)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.tau
 
 
 def _shapes(flat: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -124,8 +151,10 @@ def scale_task_vectors(tau_flat: Mapping[str, Any], unit_list: Sequence[dg.Unit]
                        shapes: Mapping[str, Sequence[int]]) -> Flat:
     """``s_l * tau_{i,l}`` for every task i (``apply="pre"``); ``tau_flat`` leaves are
     ``[K, ..]`` (or ``[..]``: a single delta) over the parameter ``shapes`` (the per-leaf scales
-    broadcast from the right)."""
+    broadcast from the right). A lazy (non-dict) mapping gives a lazy :class:`ScaledTaskVectors`."""
     scales = scale_tree(unit_list, s, shapes)
+    if not isinstance(tau_flat, dict):
+        return ScaledTaskVectors(tau_flat, scales)
     return {p: np.asarray(t) * scales[p] for p, t in tau_flat.items()}
 
 
@@ -237,9 +266,10 @@ def check_choice(name: str, value: str, valid: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {list(valid)}")
 
 
-def larv_merge(base: Mapping[str, Any], models: Mapping[str, Any] | Sequence[Mapping[str, Any]], *,
-               method: MergeFn, gate: str = "tiered", apply: str = "post",
-               svc: SvcFn | None = None, svc_order: str = "svc_first",
+def larv_merge(base: Any, models: Any, *, method: str | MergeFn = "task_arithmetic",
+               gate: str = "tiered", apply: str = "post", svc: bool | SvcFn | None = None,
+               svc_order: str = "svc_first", method_options: Mapping[str, Any] | None = None,
+               svc_options: Mapping[str, Any] | None = None,
                granularity: str = "module", unit_list: Sequence[dg.Unit] | None = None,
                cache: dg.BaseCache | None = None, key: jax.Array | None = None,
                mode: str = "randomized", diag_options: Mapping[str, Any] | None = None,
@@ -247,11 +277,16 @@ def larv_merge(base: Mapping[str, Any], models: Mapping[str, Any] | Sequence[Map
     """Merge with LARV: task vectors -> merger (-> SVC) -> diagnostics -> gate -> veneer.
 
     Args:
-      base: theta0 (nested or flat params, Flax layout).
-      models: either task vectors ``{path: [K, ..]}`` (nested or flat) or a sequence of K
-        fine-tuned parameter trees (task vectors are formed against ``base``).
-      method: the merger, ``merge(tau_flat) -> delta_flat`` including its own coefficient (see
-        :func:`larv_jax.larv.merger` for registry names).
+      base: theta0: nested or flat params (Flax layout), or a checkpoint path / opened checkpoint.
+      models: task vectors ``{path: [K, ..]}`` (nested, flat or lazy), a sequence of K fine-tuned
+        parameter trees, or a sequence of K checkpoint paths / opened checkpoints (then the task
+        vectors are the merging engine's lazy :class:`larv_jax.merging.TaskVectors`: the merger
+        streams leaf by leaf and K models are never resident).
+      method: a :data:`larv_jax.merging.METHODS` name (``method_options`` override its
+        hyperparameters; Iso-C's per-backbone scale follows the base checkpoint's config) or a
+        callable ``merge(tau_flat) -> delta_flat`` including its own coefficient.
+      svc: True (registry SVC with the method's alpha; ``svc_options`` e.g. ``alpha``), a
+        callable ``svc(delta_flat, tau_flat) -> delta_flat``, or None/False.
       gate: gate/schedule spec (``"tiered"`` default, ``"continuous"``, ``"none"``,
         ``"thirds(0,1,1.5)"``, ...; :data:`larv_jax.larv.schedules.SCALERS`).
       apply: ``"post"`` (default; ``theta0 + s * D``) or ``"pre"`` (``theta0 + merge(s * tau)``,
@@ -264,9 +299,19 @@ def larv_merge(base: Mapping[str, Any], models: Mapping[str, Any] | Sequence[Map
     Returns ``(params_flat, LarvResult)``; ``LarvResult.report`` has one
     :class:`UnitReport` (name, depth, e, c, z, w, s) per unit.
     """
+    from larv_jax.larv import mergers
+
+    base_flat, tau, model_name = _inputs(base, models)
+    if isinstance(method, str):
+        method = mergers.merger(method, model=model_name, **dict(method_options or {}))
+    elif method_options:
+        raise ValueError("method_options apply to registry names; bind them into the callable")
+    if svc is True:
+        name = getattr(method, "method_name", None)
+        svc = mergers.svc(method=name, **dict(svc_options or {}))
+    elif not svc:
+        svc = None
     check_pair(apply, svc_order, svc)
-    base_flat = as_flat(base)
-    tau = as_flat(models) if isinstance(models, Mapping) else task_vectors(base_flat, models)
     if unit_list is None:
         unit_list = units_for(base_flat, tau, granularity)
     delta = first_pass(tau, method=method, svc=svc, svc_order=svc_order, apply=apply)
@@ -278,6 +323,56 @@ def larv_merge(base: Mapping[str, Any], models: Mapping[str, Any] | Sequence[Map
     params, final = compose(base_flat, delta, unit_list, res.s, apply=apply, merge=method,
                             tau=tau, svc=svc, svc_order=svc_order)
     return params, LarvResult(rows, res.s, diagnostics, final)
+
+
+def _inputs(base: Any, models: Any) -> tuple[Mapping[str, Any], Mapping[str, Any], str | None]:
+    """(base flat, task vectors, backbone name or None) from the accepted input forms."""
+    from pathlib import Path
+
+    model_name = None
+    if isinstance(base, (str, Path)) or not isinstance(base, Mapping):
+        from larv_jax.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(base) if isinstance(base, (str, Path)) else base
+        model_name = getattr(ckpt.config, "name", None)
+        base_flat = ckpt.flat()
+    else:
+        base_flat = as_flat(base)
+    if isinstance(models, Mapping):
+        return base_flat, as_flat(models), model_name
+    models = list(models)
+    if models and all(not isinstance(m, Mapping) for m in models):
+        from larv_jax.checkpoint import load_checkpoint
+        from larv_jax.merging import TaskVectors
+
+        ckpts = [load_checkpoint(m) if isinstance(m, (str, Path)) else m for m in models]
+        paths = list(ckpts[0].paths())
+        for c in ckpts[1:]:
+            if set(c.paths()) != set(paths):
+                raise ValueError(f"{getattr(c, 'origin', c)}: parameters differ from the first "
+                                 "fine-tuned checkpoint's")
+        unknown = [p for p in paths if p not in base_flat]
+        if unknown:
+            raise ValueError(f"parameter {unknown[0]!r} of the fine-tuned models is not in the base")
+        return base_flat, TaskVectors(_FlatSource(base_flat), ckpts, paths), model_name
+    return base_flat, task_vectors(base_flat, models), model_name
+
+
+class _FlatSource:
+    """A flat dict seen as a checkpoint (``leaf``/``shape``/``paths``) for TaskVectors."""
+
+    def __init__(self, flat: Mapping[str, Any]):
+        self.flat = flat
+        self.origin = "base"
+
+    def paths(self) -> list[str]:
+        return list(self.flat)
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return tuple(np.shape(self.flat[path]))
+
+    def leaf(self, path: str) -> np.ndarray:
+        return np.asarray(self.flat[path], np.float32)
 
 
 def first_pass(tau: Mapping[str, Any], *, method: MergeFn, svc: SvcFn | None = None,
