@@ -1,0 +1,162 @@
+"""Streaming engine == in-memory functions; base-only leaves copied; bad inputs raise; the CLI
+writes a Hugging Face checkpoint transformers-compatible in layout (read back by our loader)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from larv_jax import tree
+from larv_jax.checkpoint import load_checkpoint, save_hf
+from larv_jax.merging import METHODS, apply_delta, merge_checkpoints, merge_delta, svc, svc_alpha
+from larv_jax.models.clip import abstract_params
+from larv_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+
+VISION = VisionConfig(width=16, layers=2, heads=2, mlp_dim=32, image_size=16, patch_size=8)
+TEXT = TextConfig(width=16, layers=1, heads=2, mlp_dim=32, vocab_size=20, context_length=6,
+                  eos_token_id=19)
+VCFG = CLIPConfig(vision=VISION)
+FULL = CLIPConfig(vision=VISION, text=TEXT, embed_dim=8)
+
+
+def random_params(cfg, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {p: (scale * rng.standard_normal(s.shape)).astype(np.float32)
+            for p, s in tree.flatten(abstract_params(cfg)).items()}
+
+
+class FakeCkpt:
+    """In-memory checkpoint with the larv_jax.checkpoint interface."""
+
+    def __init__(self, flat, name, config=VCFG, dtype="float32"):
+        self.flat, self.origin, self.config, self.source_dtype = flat, name, config, dtype
+        self.reads = 0
+
+    def paths(self):
+        return list(self.flat)
+
+    def shape(self, p):
+        return self.flat[p].shape
+
+    def leaf(self, p):
+        self.reads += 1
+        return self.flat[p].copy()
+
+
+def zoo(k=3, cfg=VCFG):
+    base = random_params(cfg, 0)
+    models = []
+    for i in range(k):
+        tau = random_params(VCFG, 100 + i, scale=0.01)
+        models.append({p: base[p] + tau[p] for p in tau})
+    return base, models
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_streaming_equals_in_memory(name):
+    base, models = zoo()
+    tv = {p: np.stack([m[p] - base[p] for m in models]) for p in models[0]}
+    want = METHODS[name](tv, key=3) if name.startswith("dare") else METHODS[name](tv)
+    kw = dict(key=3) if name.startswith("dare") else {}
+    delta, report = merge_delta(FakeCkpt(base, "base"), [FakeCkpt(m, f"m{i}") for i, m in
+                                                         enumerate(models)], name, **kw)
+    assert set(delta) == set(want)
+    for p in want:
+        np.testing.assert_array_equal(delta[p], want[p], err_msg=p)
+    assert report["method"] == name and report["num_tasks"] == 3
+    assert report["hparams"]  # resolved defaults recorded
+    if name == "iso_c":
+        assert report["hparams"]["model"] == VCFG.name
+
+
+def test_streaming_svc_and_apply_match():
+    base, models = zoo()
+    tv = {p: np.stack([m[p] - base[p] for m in models]) for p in models[0]}
+    want = svc(METHODS["iso_cts"](tv), tv, alpha=svc_alpha("iso_cts"))
+    params, report = merge_checkpoints(FakeCkpt(base, "base"),
+                                       [FakeCkpt(m, f"m{i}") for i, m in enumerate(models)],
+                                       "iso_cts", svc=True)
+    assert report["svc"] == {"alpha": 0.2}
+    for p in base:
+        np.testing.assert_allclose(params[p], base[p] + want[p], rtol=1e-6, atol=1e-7, err_msg=p)
+
+
+def test_base_only_leaves_copied_and_scales():
+    base, models = zoo(2, cfg=FULL)
+    assert any(p.startswith("text/") for p in base)
+    b = FakeCkpt(base, "base", config=FULL)
+    ms = [FakeCkpt(m, f"m{i}") for i, m in enumerate(models)]
+    delta, report = merge_delta(b, ms, "task_arithmetic", scale=1.0)
+    assert set(report["copied_from_base"]) == set(base) - set(models[0])
+    assert not set(delta) & set(report["copied_from_base"])
+    q = "visual/transformer/resblocks/attn/query/kernel"
+    scales = {q: np.array([0.5, 2.0]), "visual/ln_post/bias": 0.0}
+    params = apply_delta(b, delta, scales=scales)
+    for p in base:
+        if p.startswith("text/") or p == "logit_scale" or p == "visual/ln_post/bias":
+            np.testing.assert_array_equal(params[p], base[p])
+    tau = sum(m[q] - base[q] for m in models)
+    np.testing.assert_allclose(params[q][0], base[q][0] + 0.5 * tau[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(params[q][1], base[q][1] + 2.0 * tau[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="per block"):
+        apply_delta(b, delta, scales={q: np.ones(3)})
+
+
+def test_bad_inputs_name_file_and_key():
+    base, models = zoo(2)
+    b = FakeCkpt(base, "base.safetensors")
+    k = "visual/ln_pre/bias"
+    short = {p: v for p, v in models[1].items() if p != k}
+    with pytest.raises(ValueError, match=r"m1.*lacks.*ln_pre/bias"):
+        merge_delta(b, [FakeCkpt(models[0], "m0"), FakeCkpt(short, "m1")], "ties")
+    bad_shape = dict(models[1], **{k: np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"m1.*ln_pre/bias.*shape"):
+        merge_delta(b, [FakeCkpt(models[0], "m0"), FakeCkpt(bad_shape, "m1")], "ties")
+    nan = dict(models[1], **{k: np.full(16, np.nan, np.float32)})
+    with pytest.raises(ValueError, match=r"m1.*ln_pre/bias.*NaN"):
+        merge_delta(b, [FakeCkpt(models[0], "m0"), FakeCkpt(nan, "m1")], "task_arithmetic")
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        merge_delta(b, [FakeCkpt(m, "m") for m in models], "ties", lam=0.3)
+    with pytest.raises(ValueError, match="valid"):
+        merge_delta(b, [FakeCkpt(m, "m") for m in models], "ties_v2")
+    with pytest.raises(ValueError, match="models is empty"):
+        merge_delta(b, [], "ties")
+
+
+def test_streaming_reads_one_leaf_at_a_time():
+    base, models = zoo(3)
+    ms = [FakeCkpt(m, f"m{i}") for i, m in enumerate(models)]
+    merge_delta(FakeCkpt(base, "b"), ms, "ties")
+    # three passes (histogram, bucket gather, merge), each reading every leaf once per model
+    assert all(m.reads == 3 * len(base) for m in ms)
+
+
+def test_cli_merge_roundtrip(tmp_path):
+    from larv_jax.cli import main
+
+    base, models = zoo(2, cfg=FULL)
+    save_hf(base, FULL, tmp_path / "base")
+    for i, m in enumerate(models):   # CLIPVisionModel fine-tunes, stored in fp16
+        save_hf(m, VCFG, tmp_path / f"m{i}", dtype=np.float16)
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", str(tmp_path / "base"), "--models", str(tmp_path / "m0"),
+            str(tmp_path / "m1"), "--method", "ties", "--scale", "0.5", "--set", "keep=0.3",
+            "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["hparams"]["scale"] == 0.5 and report["hparams"]["keep"] == 0.3
+    assert len(report["upcast_to_float32"]) == 2
+    assert all(len(f["sha256"]) == 64 for d in report["inputs"]["models"] for f in d["files"])
+    got = load_checkpoint(out).flat()
+    m16 = [{p: v.astype(np.float16).astype(np.float32) for p, v in m.items()} for m in models]
+    tv = {p: np.stack([m[p] - base[p] for m in m16]) for p in models[0]}
+    want = METHODS["ties"](tv, scale=0.5, keep=0.3)
+    for p in base:
+        np.testing.assert_allclose(got[p], base[p] + want.get(p, 0), rtol=1e-5, atol=1e-6,
+                                   err_msg=p)
+    assert main(argv) == 1            # existing --out refused
+    assert main(argv + ["--overwrite"]) == 0
+    assert main(argv + ["--overwrite", "--method", "iso_c"]) == 1    # iso_c has no `keep`
+    assert main(argv + ["--overwrite", "--set", "keep"]) == 1
