@@ -246,3 +246,39 @@ def test_checkpoint_inputs_stream_and_match_memory(zoo, tmp_path):
         np.testing.assert_array_equal(ra.s, rb.s)
         for p in base:
             np.testing.assert_array_equal(a[p], b[p], err_msg=f"{kw} {p}")
+
+
+@pytest.mark.parametrize("argv,svc", [
+    (["--larv", "tiered"], False),
+    (["--larv", "continuous", "--larv-apply", "pre"], True),
+    (["--larv", "tiered", "--larv-svc-order", "larv_first"], True),
+])
+def test_merge_command_hook_with_engine(zoo, tmp_path, argv, svc):
+    """What `larv merge` does with the hook: merge_delta -> flags.finish -> apply_delta."""
+    import argparse
+
+    from larv_jax.checkpoint import load_checkpoint, save_hf
+    from larv_jax.larv import flags
+    from larv_jax.merging import apply_delta, merge_delta
+
+    base, models = zoo
+    save_hf(base, TINY, tmp_path / "base")
+    paths = []
+    for k, m in enumerate(models):
+        save_hf(m, TINY, tmp_path / f"m{k}")
+        paths.append(tmp_path / f"m{k}")
+    parser = flags.add_arguments(argparse.ArgumentParser())
+    parser.add_argument("--svc", action="store_true")
+    parser.add_argument("--svc-alpha", type=float, default=None)
+    args = parser.parse_args(argv + (["--svc"] if svc else []))
+    b = load_checkpoint(tmp_path / "base")
+    ms = [load_checkpoint(p) for p in paths]
+    delta, _ = merge_delta(b, ms, "ties", svc=args.svc and flags.svc_before_larv(args),
+                           hash_inputs=False)
+    delta, scales, report = flags.finish(args, b, delta, models=ms, method="ties", hparams={})
+    params = apply_delta(b, delta, scales=scales)
+    want, res = V.larv_merge(base, models, method="ties", gate=args.larv, apply=args.larv_apply,
+                             svc=svc, svc_order=args.larv_svc_order)
+    np.testing.assert_array_equal([u["s"] for u in report["units"]], res.s)
+    for p in base:
+        np.testing.assert_allclose(params[p], want[p], rtol=1e-6, atol=1e-7, err_msg=p)

@@ -126,6 +126,79 @@ def apply(args: argparse.Namespace, *, base: Mapping[str, Any], delta: Mapping[s
     return params, V.LarvResult(rows, res.s, diagnostics, dict(final))
 
 
+def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
+           models: Any = None, method: str | None = None,
+           hparams: Mapping[str, Any] | None = None) -> tuple[Mapping[str, Any], Any, Any]:
+    """The merge command's hook between ``merge_delta`` and ``apply_delta`` (larv_jax.merging).
+
+    Args:
+      args: parsed arguments (``--larv*``; ``args.svc`` / ``args.svc_alpha`` if the command has
+        them).
+      base: the opened base checkpoint (or a flat dict). delta: ``merge_delta(...).delta``, made
+        with ``svc=args.svc and svc_before_larv(args)``.
+      models, method, hparams: the opened fine-tuned checkpoints, the registry name and the
+        hyperparameters given to ``merge_delta``; needed for ``--larv-apply pre`` and for
+        ``--larv-svc-order larv_first`` (they re-merge / calibrate through the same engine).
+
+    Returns ``(delta, scales, report)`` for ``apply_delta(base, delta, scales=scales)``: ``scales``
+    is ``{path: scalar or [B]}`` (post) or None (``--larv none``, or pre / larv_first, where the
+    returned delta already carries the scales); ``report`` is a JSON-friendly dict (None for
+    ``--larv none``).
+    """
+    if not enabled(args):
+        return delta, None, None
+    import numpy as np
+
+    from larv_jax.larv import mergers
+    from larv_jax.larv import veneer as V
+
+    base_flat = base if isinstance(base, Mapping) else base.flat()
+    svc_on = bool(getattr(args, "svc", False))
+    merge = svc = tau = None
+    needs_engine = args.larv_apply == "pre" or (svc_on and args.larv_svc_order == "larv_first")
+    if needs_engine:
+        if models is None or method is None:
+            raise ValueError("--larv-apply pre / --larv-svc-order larv_first need the models and "
+                             "the method name")
+        from larv_jax.merging import TaskVectors
+
+        name = getattr(getattr(base, "config", None), "name", None)
+        merge = mergers.merger(method, model=name, **dict(hparams or {}))
+        src = V.FlatSource(base_flat) if isinstance(base, Mapping) else base
+        tau = TaskVectors(src, list(models), list(delta))
+        if svc_on:
+            alpha = getattr(args, "svc_alpha", None)
+            svc = mergers.svc(method, **({} if alpha is None else {"alpha": alpha}))
+    opts = options(args)
+    gate = opts.pop("gate")
+    unit_list = V.units_for(base_flat, delta, opts.pop("granularity"))
+    import jax
+
+    from larv_jax import diagnostics as dg
+
+    key = jax.random.PRNGKey(args.larv_seed)
+    mode, diag_options = opts.pop("mode"), opts.pop("diag_options")
+    diagnostics = None
+    if V.needs_diagnostics(gate):
+        cache = dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode, key=key)
+        diagnostics = V.diagnose(base_flat, V.full_delta(delta, base_flat), unit_list, key=key,
+                                 mode=mode, cache=cache, **diag_options)
+    res, rows = V.gate_scales(gate, unit_list, diagnostics, **opts)
+    report = {"spec": gate, "options": opts, "apply": args.larv_apply,
+              "svc_order": args.larv_svc_order if svc_on else None,
+              "granularity": args.larv_granularity,
+              "diagnostics": None if diagnostics is None else diagnostics.settings,
+              "units": [r._asdict() for r in rows]}
+    if needs_engine:
+        _, final = V.compose(base_flat, delta, unit_list, res.s, apply=args.larv_apply,
+                             merge=merge, tau=tau, svc=svc, svc_order=args.larv_svc_order)
+        return final, None, report
+    shapes = {p: np.shape(v) for p, v in base_flat.items()}
+    tree = V.scale_tree(unit_list, res.s, shapes)
+    scales = {p: (v.reshape(-1) if v.ndim else v) for p, v in tree.items() if p in delta}
+    return delta, scales, report
+
+
 def format_report(result: Any) -> str:
     """The per-unit report as a fixed-width text table (name, depth, e, c, z, w, s)."""
     f = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731

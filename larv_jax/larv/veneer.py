@@ -354,11 +354,11 @@ def _inputs(base: Any, models: Any) -> tuple[Mapping[str, Any], Mapping[str, Any
         unknown = [p for p in paths if p not in base_flat]
         if unknown:
             raise ValueError(f"parameter {unknown[0]!r} of the fine-tuned models is not in the base")
-        return base_flat, TaskVectors(_FlatSource(base_flat), ckpts, paths), model_name
+        return base_flat, TaskVectors(FlatSource(base_flat), ckpts, paths), model_name
     return base_flat, task_vectors(base_flat, models), model_name
 
 
-class _FlatSource:
+class FlatSource:
     """A flat dict seen as a checkpoint (``leaf``/``shape``/``paths``) for TaskVectors."""
 
     def __init__(self, flat: Mapping[str, Any]):
