@@ -136,7 +136,7 @@ def svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float) -> np.ndarray
     dm = np.asarray(merged, dtype=np.float64)
     taus = np.asarray(taus, dtype=np.float64)
     u, s, vt = svd(dm)
-    a_i = np.einsum("mr,kmn->krn", u, taus)                  # rows u_r^T tau_i
+    a_i = np.matmul(u.T[None], taus)                         # [K, r, n]: rows u_r^T tau_i (BLAS)
     a_m = s[:, None] * vt                                    # rows u_r^T D_m = S_r v_r^T
     num = np.einsum("rn,krn->kr", a_m, a_i)
     den = np.maximum(np.einsum("krn,krn->kr", a_i, a_i), 1e-12)

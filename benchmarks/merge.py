@@ -1,0 +1,173 @@
+"""End-to-end merge benchmark: load K checkpoints, merge, save (``larv merge``), per method.
+
+    python benchmarks/merge.py            # ViT-B/32 vision tower, K = 8, every method (+ SVC)
+    python benchmarks/merge.py --quick    # 2 blocks, K = 3, three methods
+
+Checkpoints are random ``CLIPVisionModel``-shaped safetensors written once with ``save_hf`` into
+``--workdir`` (base ~ N(0, 0.02), task vectors ~ N(0, 1e-3)). Each method runs the real CLI entry
+point in its own subprocess; wall time and that child's peak RSS (``os.wait4`` rusage) are
+recorded. References: a same-run "read only" child that streams every leaf of the K + 1 inputs
+once (the I/O floor), and FusionBench 0.2.33 on this machine (fixed figures, quoted below).
+JSON lines go to ``--out`` (default ``benchmarks/results/merge.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# FusionBench 0.2.33, ViT-B/32, K = 8, on this 2-core machine (seconds; peak RSS 2.1-6.6 GB, TIES
+# 20.7 GB; SVC adds 40-55 s).
+FUSIONBENCH_S = {"task_arithmetic": 16.0, "iso_c": 24.0, "ties": 119.0, "tsv_m": 152.0,
+                 "iso_cts": 169.0}
+FUSIONBENCH_SVC_EXTRA_S = (40.0, 55.0)
+FUSIONBENCH_RSS_GB = {"ties": 20.7}
+
+ALL = ["simple_average", "task_arithmetic", "ties", "ties_paper", "dare_task_arithmetic",
+       "dare_ties", "dare_average", "tsv_m", "iso_c", "iso_cts"]
+SVC_FOR = ["task_arithmetic", "tsv_m", "iso_c", "iso_cts"]
+
+
+def make_zoo(workdir: Path, k: int, layers: int) -> tuple[Path, list[Path]]:
+    import numpy as np
+
+    from larv_jax import tree
+    from larv_jax.checkpoint import save_hf
+    from larv_jax.models.clip import abstract_params
+    from larv_jax.models.config import CLIPConfig, get_preset
+
+    v = get_preset("ViT-B-32").vision
+    if layers != v.layers:
+        import dataclasses
+
+        v = dataclasses.replace(v, layers=layers)
+    cfg = CLIPConfig(vision=v, name="ViT-B-32")
+    shapes = {p: s.shape for p, s in tree.flatten(abstract_params(cfg)).items()}
+    base_dir = workdir / "base"
+    rng = np.random.default_rng(0)
+    if not (base_dir / "model.safetensors").exists():
+        save_hf({p: (0.02 * rng.standard_normal(s, dtype=np.float32)) for p, s in shapes.items()},
+                cfg, base_dir)
+    from larv_jax.checkpoint import load_checkpoint
+
+    base = None
+    dirs = []
+    for i in range(k):
+        d = workdir / f"task{i}"
+        dirs.append(d)
+        if (d / "model.safetensors").exists():
+            continue
+        base = base or load_checkpoint(base_dir).flat()
+        r = np.random.default_rng(1 + i)
+        save_hf({p: base[p] + 1e-3 * r.standard_normal(base[p].shape, dtype=np.float32)
+                 for p in shapes}, cfg, d)
+    return base_dir, dirs
+
+
+def child(args) -> None:
+    """One measured run inside a fresh process; prints a JSON line."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    t0 = time.perf_counter()
+    if args.child == "read_only":
+        import numpy as np
+
+        from larv_jax.checkpoint import load_checkpoint
+
+        cks = [load_checkpoint(p) for p in [args.base, *args.models]]
+        total = 0.0
+        for p in cks[0].paths():
+            for c in cks:
+                total += float(np.sum(c.leaf(p)[..., :1]))
+        print(json.dumps({"wall_s": time.perf_counter() - t0}))
+        return
+    from larv_jax.cli import main
+
+    argv = ["merge", "--base", str(args.base), "--models", *map(str, args.models), "--method",
+            args.child, "--out", str(args.workdir / f"out_{args.child}"), "--overwrite",
+            "--no-hash"]
+    if args.svc:
+        argv.append("--svc")
+    rc = main(argv)
+    wall = time.perf_counter() - t0
+    report = json.loads((args.workdir / f"out_{args.child}" / "merge_report.json").read_text())
+    print(json.dumps({"rc": rc, "wall_s": wall, "timings": report["timings"]}))
+
+
+def measure_rss(method: str, svc: bool, base: Path, models: list[Path], workdir: Path) -> dict:
+    """Like :func:`measure` but waits with ``os.wait4`` to read this child's own peak RSS."""
+    cmd = [sys.executable, __file__, "--child", method, "--base", str(base), "--workdir",
+           str(workdir), "--models", *map(str, models)] + (["--svc"] if svc else [])
+    t0 = time.perf_counter()
+    with open(workdir / "child.out", "w") as fo, open(workdir / "child.err", "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise RuntimeError(f"{method} failed:\n{(workdir / 'child.err').read_text()[-3000:]}")
+    rec = json.loads((workdir / "child.out").read_text().strip().splitlines()[-1])
+    rec["process_wall_s"] = wall            # includes interpreter + jax import
+    rec["peak_rss_gb"] = usage.ru_maxrss / 2**20   # KiB -> GiB
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 blocks, K = 3, three methods")
+    ap.add_argument("--tasks", type=int, default=None, help="K (default 8; 3 with --quick)")
+    ap.add_argument("--methods", nargs="*", default=None, help="default: all (+ SVC variants)")
+    ap.add_argument("--no-svc", action="store_true", help="skip the SVC variants")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/larv_merge_bench"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/merge.jsonl"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--svc", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--base", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="*", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    k = args.tasks or (3 if args.quick else 8)
+    layers = 2 if args.quick else 12
+    workdir = args.workdir / f"b32_L{layers}_K{k}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    base, models = make_zoo(workdir, k, layers)
+    print(f"zoo ready in {time.perf_counter() - t0:.1f}s: {workdir}", flush=True)
+    methods = args.methods or (["task_arithmetic", "ties", "iso_c"] if args.quick else ALL)
+    runs = [("read_only", False)] + [(m, False) for m in methods]
+    if not args.no_svc:
+        runs += [(m, True) for m in methods if m in SVC_FOR]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+    import scipy
+
+    for method, svc in runs:
+        rec = measure_rss(method, svc, base, models, workdir)
+        ref = FUSIONBENCH_S.get(method) if not svc else None
+        row = {
+            "bench": "merge", "model": "ViT-B-32" if layers == 12 else f"ViT-B-32-L{layers}",
+            "K": k, "method": method, "svc": svc, "wall_s": round(rec["wall_s"], 2),
+            "process_wall_s": round(rec["process_wall_s"], 2),
+            "peak_rss_gb": round(rec["peak_rss_gb"], 3),
+            "timings": {a: (round(b, 2) if isinstance(b, float) else b)
+                        for a, b in rec.get("timings", {}).items()},
+            "fusionbench_s": ref if layers == 12 and k == 8 else None,
+            "speedup_vs_fusionbench": (round(ref / rec["process_wall_s"], 2)
+                                       if ref and layers == 12 and k == 8 else None),
+            "device": f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
+            "numpy": np.__version__, "scipy": scipy.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
