@@ -106,18 +106,31 @@ def _single_threaded_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _matrix_map(path: str, taus: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Apply ``fn(taus [K, out, in]) -> [out, in]`` to a leaf ``[K, (B,) ...]`` in Flax layout,
-    each of the B stacked matrices independently (in parallel threads, LAPACK single-threaded)."""
+def _matrix_map(path: str, taus: np.ndarray, fn: Callable[..., np.ndarray],
+                extra: np.ndarray | None = None) -> np.ndarray:
+    """Apply ``fn(taus [K, out, in][, extra [out, in]]) -> [out, in]`` to a leaf ``[K, (B,) ...]``
+    in Flax layout (``extra``: a leaf without the K axis), each of the B stacked matrices
+    independently (in parallel threads, LAPACK single-threaded). Only dense kernels and 2-D
+    tables come here, so the matrix views are transposed views, not copies."""
     shape = taus.shape[1:]
-    mats = np.stack([tree.to_matrix(path, t) for t in taus])  # [K, (B,) out, in]
+    kind = tree.leaf_kind(path, tree.unstacked_ndim(path, shape))
+    if kind not in ("dense", "embedding"):
+        raise ValueError(f"{path!r} ({kind}) is not a matrix leaf")
+    mats = taus.swapaxes(-1, -2) if kind == "dense" else taus           # [K, (B,) out, in]
+    ext = None if extra is None else tree.to_matrix(path, extra)        # [(B,) out, in]
+
+    def one(b):
+        if b is None:
+            return fn(mats) if ext is None else fn(mats, ext)
+        return fn(mats[:, b]) if ext is None else fn(mats[:, b], ext[b])
+
     with _single_threaded_blas():
         if tree.is_stacked(path):
             workers = max(1, min(os.cpu_count() or 1, mats.shape[1]))
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                out = np.stack(list(pool.map(lambda b: fn(mats[:, b]), range(mats.shape[1]))))
+                out = np.stack(list(pool.map(one, range(mats.shape[1]))))
         else:
-            out = fn(mats)
+            out = one(None)
     return np.asarray(tree.from_matrix(path, out, shape), dtype=np.float32)
 
 

@@ -54,7 +54,6 @@ def svc(delta: Mapping[str, Any], task_vectors: Mapping[str, Any], *, alpha: flo
         taus = np.asarray(tv[path], dtype=np.float32)
         if taus.shape[1:] != d.shape:
             raise ValueError(f"svc: task vectors of {path!r} have shape {taus.shape}, delta {d.shape}")
-        both = np.concatenate([d[None].astype(np.float32), taus])   # [1 + K, ...]
-        out[path] = _matrix_map(path, both,
-                                lambda m: linalg.svc_matrix(m[0], m[1:], alpha))
+        out[path] = _matrix_map(path, taus, lambda t, dm: linalg.svc_matrix(dm, t, alpha),
+                                extra=d.astype(np.float32))
     return tree.unflatten(out) if nested else out
