@@ -147,9 +147,19 @@ def resolve_hparams(method: str, hparams: Mapping[str, Any], *,
     if unknown and not extra_ok:
         raise ValueError(f"{method}: unknown hyperparameter(s) {unknown}; valid: {sorted(params)}")
     out = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    out.update(getattr(fn, "keywords", {}))           # preset keywords beyond the signature
     if "model" in params and model is not None:
         out["model"] = model
     out.update(hparams)
+    if "then" in out:                                 # DARE: the following merger's defaults too
+        then = inspect.signature(get_method(out["then"])).parameters
+        for n, p in then.items():
+            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty:
+                out.setdefault(n, p.default)
+    if method == "iso_c" and out.get("scale") is None:
+        from larv_jax.merging.methods import ISO_C_SCALES
+
+        out["scale"] = ISO_C_SCALES.get(out.get("model"), 1.0)
     return out
 
 

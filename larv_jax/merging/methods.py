@@ -372,6 +372,13 @@ def dare(task_vectors: Mapping[str, Any], *, p: float = 0.5, key: Any = 0,
     nexts = {"task_arithmetic": task_arithmetic, "ties": ties, "simple_average": simple_average}
     if then not in nexts:
         raise ValueError(f"then must be one of {sorted(nexts)}; got {then!r}")
+    import inspect
+
+    allowed = set(inspect.signature(nexts[then]).parameters) - {"task_vectors"}
+    unknown = sorted(set(then_kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"dare then={then!r}: unknown hyperparameter(s) {unknown}; "
+                         f"valid: {sorted(allowed | {'p', 'key', 'masks', 'then'})}")
     tv, nested = _flat(task_vectors)
     flat_masks = tree.flatten(masks) if masks and any(
         isinstance(v, Mapping) for v in masks.values()) else masks
