@@ -1,0 +1,342 @@
+"""Batched, sharded LARV diagnostics: shape buckets, a per-base cache, and ``diagnose``.
+
+Every matrix of every unit is put into a *shape bucket*: matrices are viewed in the torch
+orientation ``[out, in]`` and wide ones are transposed to tall (``m >= n``; singular values and
+both Gram commutators are invariant under transposing A and D together), so for ViT-B/32 the
+buckets are ``[48, 768, 768]`` (q, k, v, out of 12 blocks) and ``[25, 3072, 768]`` (12 fc1, 12 fc2
+transposed, the patch conv transposed), plus ``[1, 768, 512]`` for ``visual/proj``. The kernels
+of ``larv_jax.diagnostics.kernels`` are vmapped over a bucket and jit-compiled once per bucket
+shape (``TRACES`` counts the traces).
+
+Devices: the bucket (matrix) axis is sharded over a 1-D mesh ``("b",)`` of ``devices`` (default
+``jax.devices()``) with ``jax.shard_map``; a bucket is padded with zero matrices to a multiple of
+the device count and the padding is dropped. The matrices are independent, so no communication
+happens. Multi-host: call ``jax.distributed.initialize()`` on every host first, then make the same
+``base_cache``/``diagnose`` call with the same inputs on every host: ``jax.devices()`` is then the
+global device list, every host places its own shard (``jax.device_put`` of the same host array),
+and the results are gathered with ``multihost_utils.process_allgather``.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from larv_jax import tree as ltree
+from larv_jax.diagnostics import kernels as K
+from larv_jax.diagnostics.record import Diagnostics, MatrixDiag
+from larv_jax.diagnostics.unit_rules import Unit
+
+MODES = ("randomized", "exact")
+
+# Traces of the per-bucket functions (one per compiled bucket shape); tests count them.
+TRACES: collections.Counter[str] = collections.Counter()
+
+
+class MatrixRef(NamedTuple):
+    unit: int  # index into the unit list
+    path: str
+    block: int | None
+    transposed: bool  # the torch-layout matrix was wide and is stored transposed (tall)
+
+
+class Bucket(NamedTuple):
+    """All matrices of one tall shape ``(m, n)``, ``m >= n``, in unit order."""
+
+    shape: tuple[int, int]
+    members: tuple[MatrixRef, ...]
+
+    @property
+    def square(self) -> bool:
+        return self.shape[0] == self.shape[1]
+
+
+def matrix_shape(path: str, shape: Sequence[int]) -> tuple[int, int]:
+    """Torch-layout ``(out, in)`` of one matrix of a leaf (block axis dropped)."""
+    abstract = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    out = jax.eval_shape(lambda x: ltree.to_matrix(path, x), abstract).shape
+    out = out[1:] if ltree.is_stacked(path) else out
+    if len(out) != 2:
+        raise ValueError(f"{path!r} with shape {tuple(shape)} is not a matrix")
+    return int(out[0]), int(out[1])
+
+
+def plan_buckets(unit_list: Sequence[Unit], shapes: Mapping[str, Sequence[int]]
+                 ) -> tuple[Bucket, ...]:
+    """Group the matrices of ``unit_list`` into shape buckets (first-appearance order)."""
+    shapes = {p: tuple(getattr(s, "shape", s)) for p, s in shapes.items()}
+    groups: dict[tuple[int, int], list[MatrixRef]] = {}
+    for i, u in enumerate(unit_list):
+        for path, block in u.matrices:
+            if path not in shapes:
+                raise ValueError(f"parameter {path!r} of unit {u.name!r} is missing")
+            m, n = matrix_shape(path, shapes[path])
+            groups.setdefault((max(m, n), min(m, n)), []).append(
+                MatrixRef(i, path, block, m < n))
+    return tuple(Bucket(s, tuple(refs)) for s, refs in groups.items())
+
+
+class BaseCache(NamedTuple):
+    """Everything that depends only on theta0, computed once per pretrained model.
+
+    Per bucket (tuples aligned with ``plan``), padded to a multiple of the device count and
+    sharded over the matrix axis: ``reff`` [N] r_eff(theta0) (exact by default), ``norm`` [N]
+    ||theta0||_F, ``gram`` [N, n, n] = A^T A of the tall view (None for square buckets, whose
+    Eq. 6 commutator does not use it). ``plan`` and ``mode`` are static metadata.
+    """
+
+    plan: tuple[Bucket, ...]
+    reff: tuple[jax.Array, ...]
+    norm: tuple[jax.Array, ...]
+    gram: tuple[jax.Array | None, ...]
+    mode: str
+
+
+def _mesh(devices: Sequence[jax.Device] | None) -> Mesh:
+    return Mesh(np.array(list(devices) if devices is not None else jax.devices()), ("b",))
+
+
+def _padded(n: int, mesh: Mesh) -> int:
+    d = mesh.devices.size
+    return max(1, math.ceil(n / d)) * d
+
+
+def _stack(flat: Mapping[str, Any], bucket: Bucket, n_pad: int, what: str) -> np.ndarray:
+    """Host-side ``[n_pad, m, n]`` float32 stack of a bucket's (tall) matrices, zero padded."""
+    m, n = bucket.shape
+    out = np.zeros((n_pad, m, n), np.float32)
+    views: dict[str, np.ndarray] = {}
+    for i, ref in enumerate(bucket.members):
+        if ref.path not in flat:
+            raise ValueError(f"{what}: parameter {ref.path!r} is missing")
+        if ref.path not in views:
+            views[ref.path] = ltree.to_matrix(ref.path, np.asarray(flat[ref.path]))
+        mat = views[ref.path] if ref.block is None else views[ref.path][ref.block]
+        out[i] = mat.T if ref.transposed else mat
+    return out
+
+
+def _check_finite(x: np.ndarray, bucket: Bucket, what: str) -> None:
+    bad = ~np.isfinite(x[: len(bucket.members)]).all(axis=(1, 2))
+    if bad.any():
+        ref = bucket.members[int(np.argmax(bad))]
+        where = ref.path if ref.block is None else f"{ref.path}[block {ref.block}]"
+        raise ValueError(f"{what}: parameter {where} has non-finite values")
+
+
+def _put(x: Any, mesh: Mesh) -> jax.Array:
+    sharding = NamedSharding(mesh, P("b"))
+    return jax.device_put(x, sharding)
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _keys(key: jax.Array, bucket_index: int, n_pad: int) -> jax.Array:
+    """Per-matrix raw keys ``fold_in(fold_in(key, bucket), i)``: independent of the padding."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    kb = jax.random.fold_in(key, bucket_index)
+    return jax.vmap(jax.random.fold_in, (None, 0))(kb, jnp.arange(n_pad, dtype=jnp.uint32))
+
+
+def _entropy(a: jax.Array, g: jax.Array, key: jax.Array, mode: str, k: int, p: int, q: int):
+    """Exact: from the Gram. Randomized: on the Gram when it is at hand (n x n x k' products),
+    else on the matrix itself."""
+    if mode == "exact":
+        return K.gram_entropy(g)
+    if g is not None:
+        return K.randomized_gram_entropy(g, key, k=k, p=p, q=q)
+    return K.randomized_entropy(a, key, k=k, p=p, q=q)
+
+
+@functools.cache
+def _base_fn(mesh: Mesh, square: bool, mode: str, k: int, p: int, q: int) -> Callable:
+    def one(a, key):
+        g = a.T @ a
+        reff = jnp.exp(_entropy(a, g, key, mode, k, p, q))
+        return reff, jnp.linalg.norm(a), (None if square else g)
+
+    def local(a, keys):
+        TRACES["base"] += 1
+        return jax.vmap(one)(a, keys)
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
+
+
+@functools.cache
+def _diag_fn(mesh: Mesh, square: bool, mode: str, k: int, p: int, q: int, eps: float,
+             zero_rtol: float) -> Callable:
+    def one(a, d, key, reff_a, norm_a, g_a):
+        norm_d = jnp.linalg.norm(d)
+        if square:
+            c = K.square_commutator(a, d, eps=eps)
+            g_d = d.T @ d if mode == "exact" else None
+        else:
+            g_d = d.T @ d
+            c = K.gram_commutator_from_grams(g_a, g_d, a.T @ d, norm_a, norm_d, eps=eps)
+        reff_d = jnp.exp(_entropy(d, g_d, key, mode, k, p, q))
+        e = K.contrast(reff_a, reff_d, norm_a, norm_d, eps=eps, zero_rtol=zero_rtol)
+        return {"e": e, "c": c, "reff_delta": reff_d, "norm_delta": norm_d}
+
+    def local(a, d, keys, reff_a, norm_a, g_a=None):
+        TRACES["diagnose"] += 1
+        return jax.vmap(one)(a, d, keys, reff_a, norm_a, g_a)
+
+    if square:
+        fn = lambda a, d, keys, reff_a, norm_a: local(a, d, keys, reff_a, norm_a)  # noqa: E731
+    else:
+        fn = local
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
+
+
+def _check_args(mode: str, k: int, p: int, q: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown diagnostics mode {mode!r}; valid: {list(MODES)}")
+    if k < 1 or p < 0 or q < 0:
+        raise ValueError(f"randomized SVD needs k >= 1, p >= 0, q >= 0; got k={k}, p={p}, q={q}")
+
+
+def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode: str = "exact",
+               key: jax.Array | None = None, k: int = 64, p: int = 10, q: int = 2,
+               devices: Sequence[jax.Device] | None = None) -> BaseCache:
+    """Per-base quantities: r_eff(theta0) per matrix and the tall-view Grams ``A^T A``.
+
+    Args:
+      base_flat: ``{path: array}`` of theta0 in the Flax layout (stacked blocks).
+      unit_list: from :func:`larv_jax.diagnostics.units`.
+      mode: ``"exact"`` (SPEC default: eigenvalues of the n x n Gram) or ``"randomized"`` (the
+        paper's literal reading; needs ``key``).
+    """
+    _check_args(mode, k, p, q)
+    if mode == "randomized" and key is None:
+        raise ValueError("base_cache(mode='randomized') needs a PRNG key")
+    key = jax.random.PRNGKey(0) if key is None else key
+    shapes = {p_: np.shape(v) for p_, v in base_flat.items()}
+    plan = plan_buckets(unit_list, shapes)
+    mesh = _mesh(devices)
+    reffs, norms, grams = [], [], []
+    for bi, bucket in enumerate(plan):
+        n_pad = _padded(len(bucket.members), mesh)
+        a = _stack(base_flat, bucket, n_pad, "base")
+        _check_finite(a, bucket, "base")
+        fn = _base_fn(mesh, bucket.square, mode, k, p, q)
+        reff, norm, g = fn(_put(a, mesh), _put(_keys(key, bi, n_pad), mesh))
+        reffs.append(reff)
+        norms.append(norm)
+        grams.append(g)
+    return BaseCache(plan, tuple(reffs), tuple(norms), tuple(grams), mode)
+
+
+def _repad(x: jax.Array, n_real: int, n_pad: int, mesh: Mesh) -> jax.Array:
+    if x.shape[0] == n_pad and getattr(x, "sharding", None) == NamedSharding(mesh, P("b")):
+        return x
+    host = _fetch(x)[:n_real]
+    out = np.zeros((n_pad,) + host.shape[1:], host.dtype)
+    out[:n_real] = host
+    return _put(out, mesh)
+
+
+def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
+             units: Sequence[Unit], key: jax.Array, mode: str = "randomized", k: int = 64,
+             p: int = 10, q: int = 2, cache: BaseCache | None = None, eps: float = K.EPS,
+             zero_rtol: float = 1e-7, devices: Sequence[jax.Device] | None = None,
+             callback: Callable[[int, int, Bucket], None] | None = None) -> Diagnostics:
+    """LARV diagnostics (SPEC §2, Eqs. 5-7) of theta0 and the merged update D, per unit.
+
+    Args:
+      base_flat / delta_flat: ``{path: array}`` (Flax layout, stacked ``[B, ...]``) of theta0 and
+        of the merged delta D (including the merger's own coefficient). Only the units' matrices
+        are read; every one must be present in both with the same shape.
+      units: the unit list (:func:`larv_jax.diagnostics.units`), fixing L and the depth order.
+      key: PRNG key of the randomized SVD (matrix i of bucket b uses ``fold_in(fold_in(key, b),
+        i)``, so results do not depend on the device count).
+      mode: ``"randomized"`` (default: r_eff(D) by randomized SVD with tail completion) or
+        ``"exact"`` (all singular values of D via its n x n Gram). r_eff(theta0) comes from
+        ``cache``; without one, an exact :func:`base_cache` is computed first.
+      k, p, q: sketch rank, oversampling, power iterations (SPEC: 64, 10, 2).
+      eps, zero_rtol: see :func:`larv_jax.diagnostics.kernels.contrast`.
+      devices: devices of the 1-D mesh (default ``jax.devices()``).
+      callback: called as ``callback(i, n_buckets, bucket)`` after each bucket (progress bars).
+
+    Returns:
+      :class:`Diagnostics` with ``e[L]``, ``c[L]`` (means over each unit's matrices; Q/K/V/O
+      averaged as in the paper) and the per-matrix values. The commutator is Eq. 6 for square
+      matrices and Eq. 7 (through n x n Grams) for rectangular ones.
+    """
+    _check_args(mode, k, p, q)
+    units = list(units)
+    shapes = {p_: np.shape(v) for p_, v in base_flat.items()}
+    plan = plan_buckets(units, shapes)
+    for bucket in plan:
+        for ref in bucket.members:
+            if ref.path not in delta_flat:
+                raise ValueError(f"update: parameter {ref.path!r} is missing")
+            if tuple(np.shape(delta_flat[ref.path])) != tuple(shapes[ref.path]):
+                raise ValueError(f"parameter {ref.path!r}: base shape {tuple(shapes[ref.path])} "
+                                 f"!= update shape {tuple(np.shape(delta_flat[ref.path]))}")
+    if cache is None:
+        cache = base_cache(base_flat, units, devices=devices)
+    elif cache.plan != plan:
+        raise ValueError("BaseCache was computed for different units or parameter shapes")
+    mesh = _mesh(devices)
+    results = []
+    for bi, bucket in enumerate(plan):
+        n_real = len(bucket.members)
+        n_pad = _padded(n_real, mesh)
+        a = _stack(base_flat, bucket, n_pad, "base")
+        d = _stack(delta_flat, bucket, n_pad, "update")
+        _check_finite(d, bucket, "update")
+        fn = _diag_fn(mesh, bucket.square, mode, k, p, q, float(eps), float(zero_rtol))
+        args = [_put(a, mesh), _put(d, mesh), _put(_keys(key, bi, n_pad), mesh),
+                _repad(cache.reff[bi], n_real, n_pad, mesh),
+                _repad(cache.norm[bi], n_real, n_pad, mesh)]
+        if not bucket.square:
+            args.append(_repad(cache.gram[bi], n_real, n_pad, mesh))
+        out = fn(*args)
+        out = {name: _fetch(v)[:n_real] for name, v in out.items()}
+        out["reff_base"] = _fetch(cache.reff[bi])[:n_real]
+        out["norm_base"] = _fetch(cache.norm[bi])[:n_real]
+        results.append(out)
+        if callback is not None:
+            callback(bi, len(plan), bucket)
+    return _assemble(units, plan, results, dict(
+        mode=mode, base_mode=cache.mode, k=k, p=p, q=q, eps=eps, zero_rtol=zero_rtol,
+        devices=mesh.devices.size, buckets=[[len(b.members), *b.shape] for b in plan]))
+
+
+def _assemble(units: list[Unit], plan: tuple[Bucket, ...], results: list[dict[str, np.ndarray]],
+              settings: dict[str, Any]) -> Diagnostics:
+    per_unit: list[list[MatrixDiag]] = [[] for _ in units]
+    for bucket, res in zip(plan, results, strict=True):
+        m, n = bucket.shape
+        for i, ref in enumerate(bucket.members):
+            u = units[ref.unit]
+            per_unit[ref.unit].append(MatrixDiag(
+                u.name, u.depth, ref.path, ref.block, (n, m) if ref.transposed else (m, n),
+                *(float(res[f][i]) for f in ("reff_base", "reff_delta", "norm_base",
+                                              "norm_delta", "e", "c"))))
+    order = {(p, b): j for j, (p, b) in enumerate(pb for u in units for pb in u.matrices)}
+    mats = sorted((md for lst in per_unit for md in lst), key=lambda md: order[(md.path, md.block)])
+    e = np.array([np.mean([md.e for md in lst]) for lst in per_unit])
+    c = np.array([np.mean([md.c for md in lst]) for lst in per_unit])
+    settings["granularity"] = _granularity(units)
+    return Diagnostics(tuple(units), e, c, tuple(mats), settings)
+
+
+def _granularity(units: Sequence[Unit]) -> str:
+    return "block" if units and units[0].name.startswith("block_") else "module"
