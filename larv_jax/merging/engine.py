@@ -241,7 +241,7 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
     timings["merge_s"] = time.perf_counter() - t0
     if svc:
         t0 = time.perf_counter()
-        delta = svc_fn(delta, tv, alpha=alpha, exclude=hp.get("exclude", ()))
+        delta = svc_fn(delta, tv, alpha=alpha, exclude=hp.get("exclude", ()), inplace=True)
         timings["svc_s"] = time.perf_counter() - t0
     timings["read_s"] = tv.read_s
 

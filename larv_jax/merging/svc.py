@@ -35,18 +35,22 @@ def svc_alpha(method: str) -> float:
 
 
 def svc(delta: Mapping[str, Any], task_vectors: Mapping[str, Any], *, alpha: float = 0.1,
-        exclude: Sequence[str] = ()) -> Any:
+        exclude: Sequence[str] = (), inplace: bool = False) -> Any:
     """Calibrate the singular values of every matrix leaf of ``delta`` (``{path: D}``, Flax
     layout) against ``task_vectors`` (``{path: tau [K, ...]}``, may be lazy). Leaves of ``delta``
     that are not matrices (or match ``exclude``) are returned as they are (the same objects).
+    ``inplace`` (flat dict ``delta`` only) replaces the entries of ``delta`` itself, so that the
+    streaming engine never holds two merged models.
     """
     if not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha (SVC) must be a finite positive number; got {alpha!r}")
     flat, nested = _flat(delta)
     tv, _ = _flat(task_vectors)
     pats = _exclude(exclude)
-    out = {}
-    for path, d in flat.items():
+    if inplace and (nested or not isinstance(delta, dict)):
+        raise ValueError("svc(inplace=True) needs a flat dict delta")
+    out = flat if inplace else {}
+    for path, d in list(flat.items()):
         d = np.asarray(d)
         if not takes_matrix_path(path, d.shape, pats):
             out[path] = flat[path]
