@@ -134,14 +134,16 @@ def svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float) -> np.ndarray
     ``gamma_r = K / sum_i max(s_r^i, alpha)``, ``S'_r = gamma_r S_r``.
     """
     dm = np.asarray(merged, dtype=np.float64)
-    taus = np.asarray(taus, dtype=np.float64)
     u, s, vt = svd(dm)
-    a_i = np.matmul(u.T[None], taus)                         # [K, r, n]: rows u_r^T tau_i (BLAS)
     a_m = s[:, None] * vt                                    # rows u_r^T D_m = S_r v_r^T
-    num = np.einsum("rn,krn->kr", a_m, a_i)
-    den = np.maximum(np.einsum("krn,krn->kr", a_i, a_i), 1e-12)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = num / den
+    ratios = []
+    for t in taus:                                           # one task at a time in float64
+        a_i = u.T @ np.asarray(t, dtype=np.float64)          # rows u_r^T tau_i
+        num = np.einsum("rn,rn->r", a_m, a_i)
+        den = np.maximum(np.einsum("rn,rn->r", a_i, a_i), 1e-12)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratios.append(num / den)
+    ratio = np.stack(ratios)
     ratio = np.where(np.isnan(ratio) | np.isneginf(ratio), alpha, ratio)
     gamma = taus.shape[0] / np.sum(np.maximum(ratio, alpha), axis=0)
     return (u * (gamma * s)) @ vt
