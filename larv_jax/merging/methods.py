@@ -119,18 +119,22 @@ def _matrix_map(path: str, taus: np.ndarray, fn: Callable[..., np.ndarray],
     mats = taus.swapaxes(-1, -2) if kind == "dense" else taus           # [K, (B,) out, in]
     ext = None if extra is None else tree.to_matrix(path, extra)        # [(B,) out, in]
 
+    # results go straight into one float32 buffer: no list of float64 blocks, no stack
+    out = np.empty(mats.shape[1:], np.float32)                          # [(B,) out, in]
+
     def one(b):
         if b is None:
-            return fn(mats) if ext is None else fn(mats, ext)
-        return fn(mats[:, b]) if ext is None else fn(mats[:, b], ext[b])
+            out[...] = fn(mats) if ext is None else fn(mats, ext)
+        else:
+            out[b] = fn(mats[:, b]) if ext is None else fn(mats[:, b], ext[b])
 
     with _single_threaded_blas():
         if tree.is_stacked(path):
             workers = max(1, min(os.cpu_count() or 1, mats.shape[1]))
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                out = np.stack(list(pool.map(one, range(mats.shape[1]))))
+                list(pool.map(one, range(mats.shape[1])))
         else:
-            out = one(None)
+            one(None)
     return np.asarray(tree.from_matrix(path, out, shape), dtype=np.float32)
 
 
