@@ -1,0 +1,99 @@
+"""The zoo's tasks: eight 32x32 classification problems built offline, with CLIP-style prompts.
+
+``ZOO_TASKS`` is one literal dict ``name -> ZooTask``. Each task has its own generator in
+:mod:`larv_jax.zoo.images` (digits: scikit-learn's bundled 8x8 glyphs, upscaled; the rest
+procedural) and its own prompt templates. The tasks are chosen to pull a shared vision tower in
+different directions: ``colours`` must ignore shape, ``shapes`` must ignore colour, ``positions``
+and ``sizes`` ignore both, ``orientations`` cares about the angle of stripes that ``textures``
+must treat as one class, and ``counts`` and ``digits`` share number words on the text side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from larv_jax.zoo import images as im
+
+# The TFDS dataset the zoo writes (one builder config per task) and its version.
+TFDS_NAME = "larv_zoo"
+TFDS_BUILDER_MODULE = "larv_jax.zoo.tfds_builder"
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooTask:
+    """One zoo task: ``classnames`` in label order, ``templates`` with one ``{}``; ``generator``
+    names the function of :mod:`larv_jax.zoo.images` that draws it (``digits`` is special: it is
+    built over a held-out split of the glyphs)."""
+
+    name: str
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    generator: str
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+
+ZOO_TASKS: dict[str, ZooTask] = {
+    "digits": ZooTask(
+        "digits", im.NUMBERS,
+        ("a photo of the number {}.", "a handwritten digit {}.", "the digit {}."),
+        "digits", "scikit-learn 8x8 handwritten digits upscaled to 32x32, white on black"),
+    "shapes": ZooTask(
+        "shapes", im.SHAPES,
+        ("a photo of a {}.", "a drawing of a {}.", "a {} shape."),
+        "gen_shapes", "one shape of any colour, size and place, noisy background, distractor dots"),
+    "colours": ZooTask(
+        "colours", tuple(im.COLOURS),
+        ("a photo of something {}.", "a {} object.", "the colour {}."),
+        "gen_colours", "one or two shapes of one colour, random brightness and saturation"),
+    "counts": ZooTask(
+        "counts", im.COUNTS,
+        ("a photo of {} objects.", "{} shapes.", "there are {} things."),
+        "gen_counts", "one to six small mixed shapes"),
+    "positions": ZooTask(
+        "positions", im.POSITIONS,
+        ("an object in the {}.", "a shape at the {}.", "something in the {} of the image."),
+        "gen_positions", "one small shape in one of nine places"),
+    "textures": ZooTask(
+        "textures", im.TEXTURES,
+        ("a {} texture.", "a {} pattern.", "a photo of a {} surface."),
+        "gen_textures", "full-frame two-tone textures (stripes at any angle)"),
+    "orientations": ZooTask(
+        "orientations", im.ORIENTATIONS,
+        ("{} stripes.", "a {} line.", "a photo of {} lines."),
+        "gen_orientations", "one to three short parallel bars at 0/45/90/135 degrees +- 15"),
+    "sizes": ZooTask(
+        "sizes", im.SIZES,
+        ("a {} object.", "a photo of a {} shape.", "something {}."),
+        "gen_sizes", "one shape, tiny / small / large / huge"),
+}
+
+# The quick zoo (tests, smoke runs) uses the first few of these.
+QUICK_TASKS = ("shapes", "colours", "orientations")
+
+
+def get_zoo_task(name: str) -> ZooTask:
+    try:
+        return ZOO_TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown zoo task {name!r}; valid: {list(ZOO_TASKS)}") from None
+
+
+def all_prompts() -> list[str]:
+    """Every prompt of every task (for the tokenizer's vocabulary)."""
+    return [t.format(c) for task in ZOO_TASKS.values() for c in task.classnames
+            for t in task.templates]
+
+
+def eval_task(name: str):
+    """The zoo task as a :class:`larv_jax.eval.Task` reading ``larv_zoo/<name>`` (test split)
+    through ``tfds.data_source`` (pass the zoo's ``data`` dir as ``data_dir``)."""
+    from larv_jax.eval.tasks import Task
+
+    t = get_zoo_task(name)
+    return Task(name=t.name, source=f"{TFDS_NAME}/{t.name}", split="test",
+                classnames=t.classnames, templates=t.templates, builder=TFDS_BUILDER_MODULE,
+                manual="run `larv zoo build` to write the zoo's TFDS datasets")
