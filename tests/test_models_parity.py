@@ -90,6 +90,14 @@ def test_stacked_layout(hf_vision):
                                   if "vision_model.encoder.layers.1.self_attn.q_proj.weight" in sd
                                   else sd["encoder.layers.1.self_attn.q_proj.weight"].T)
     assert flat["visual/transformer/resblocks/mlp/c_fc/kernel"].shape == (2, 32, 64)
+    ckpt = load_checkpoint(path)
+    for b in range(2):
+        np.testing.assert_array_equal(ckpt.leaf("visual/transformer/resblocks/mlp/c_fc/kernel", b),
+                                      flat["visual/transformer/resblocks/mlp/c_fc/kernel"][b])
+    with pytest.raises(ValueError, match="out of range"):
+        ckpt.leaf("visual/transformer/resblocks/mlp/c_fc/kernel", 2)
+    with pytest.raises(ValueError, match="not stacked"):
+        ckpt.leaf("visual/ln_pre/scale", 0)
     assert tree.to_matrix("visual/conv1/kernel", flat["visual/conv1/kernel"]).shape == (32, 192)
 
 

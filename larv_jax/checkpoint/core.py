@@ -88,16 +88,35 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return self.source.files
 
-    def leaf(self, path: str) -> np.ndarray:
-        """One Flax leaf as float32 (stacked leaves gathered from their B source tensors)."""
+    def leaf(self, path: str, block: int | None = None) -> np.ndarray:
+        """One Flax leaf as float32 (stacked leaves gathered from their B source tensors).
+
+        ``block`` reads one slice ``[block]`` of a stacked leaf only (for engines that hold K
+        copies of one block rather than of the whole stack)."""
         try:
             parts = self._index[path]
         except KeyError:
             raise KeyError(f"{self.origin}: no parameter {path!r}") from None
-        arrays = [table.to_flax(np.asarray(self.source.get(k)), t).astype(np.float32)
-                  for k, t in parts]
-        out = np.stack(arrays) if tree.is_stacked(path) else arrays[0]
-        return np.asarray(out, order="C")
+        if block is not None:
+            if not tree.is_stacked(path):
+                raise ValueError(f"{self.origin}: {path!r} is not stacked; block={block} is invalid")
+            if not 0 <= block < len(parts):
+                raise ValueError(f"{self.origin}: block {block} out of range for {path!r} "
+                                 f"({len(parts)} blocks)")
+            return self._convert(*parts[block])
+        if not tree.is_stacked(path):
+            return self._convert(*parts[0])
+        first = self._convert(*parts[0])
+        out = np.empty((len(parts), *first.shape), np.float32)
+        out[0] = first
+        for i, (key, t) in enumerate(parts[1:], start=1):
+            out[i] = self._convert(key, t)
+        return out
+
+    def _convert(self, key: str, transform: str) -> np.ndarray:
+        """Read one source tensor and convert it with a single (contiguous) float32 copy."""
+        x = table.to_flax(np.asarray(self.source.get(key)), transform)
+        return np.array(x, dtype=np.float32, order="C")
 
     def flat(self) -> dict[str, np.ndarray]:
         return {p: self.leaf(p) for p in self.paths()}
