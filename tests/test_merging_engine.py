@@ -160,3 +160,30 @@ def test_cli_merge_roundtrip(tmp_path):
     assert main(argv + ["--overwrite"]) == 0
     assert main(argv + ["--overwrite", "--method", "iso_c"]) == 1    # iso_c has no `keep`
     assert main(argv + ["--overwrite", "--set", "keep"]) == 1
+
+
+def test_cli_merge_with_larv_matches_library(tmp_path):
+    """`larv merge --larv tiered` writes what larv_merge computes, and reports every unit."""
+    from larv_jax.cli import main
+    from larv_jax.larv import larv_merge
+
+    base, models = zoo(3, cfg=FULL)
+    save_hf(base, FULL, tmp_path / "base")
+    for i, m in enumerate(models):
+        save_hf(m, VCFG, tmp_path / f"m{i}")
+    out = tmp_path / "merged"
+    paths = [str(tmp_path / f"m{i}") for i in range(3)]
+    assert main(["merge", "--base", str(tmp_path / "base"), "--models", *paths,
+                 "--method", "task_arithmetic", "--larv", "tiered", "--out", str(out)]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    units = report["larv"]["units"]
+    assert len(units) == 1 + 3 * VISION.layers          # module granularity, no projection unit
+    assert {"name", "depth", "e", "c", "z", "w", "s"} <= set(units[0])
+    assert sorted({u["s"] for u in units}) <= [0.5, 1.0, 1.5]
+    want, res = larv_merge(str(tmp_path / "base"), paths, method="task_arithmetic", gate="tiered")
+    got = load_checkpoint(out).flat()
+    for p in got:
+        np.testing.assert_allclose(got[p], np.asarray(want[p]), rtol=1e-6, atol=1e-7, err_msg=p)
+    assert [u["s"] for u in units] == [float(r.s) for r in res.report]
+    # the veneer changed something: not every unit is at scale 1
+    assert any(u["s"] != 1.0 for u in units)

@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-hash", action="store_true",
                    help="skip the inputs' sha256 in the report (default: hash them)")
     p.add_argument("--out", required=True, type=Path, help="output directory (HF format)")
+    from larv_jax.larv import flags as larv_flags
+
+    larv_flags.add_arguments(p)
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from larv_jax.checkpoint import load_checkpoint, save_hf
+    from larv_jax.larv import flags as larv_flags
     from larv_jax.merging import apply_delta, merge_delta
 
     if args.out.exists() and not args.overwrite:
@@ -73,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
         hparams["key"] = args.seed
     base = load_checkpoint(args.base)
     models = [load_checkpoint(m) for m in args.models]
-    delta, report = merge_delta(base, models, args.method, svc=args.svc, svc_alpha=args.svc_alpha,
-                                hash_inputs=not args.no_hash, **hparams)
-    # Veneer hook: per-leaf scales s (scalar, or [B] for stacked leaves) go here, computed from
-    # (base, delta); theta = theta0 + s * D.
-    scales = None
+    delta, report = merge_delta(base, models, args.method,
+                                svc=args.svc and larv_flags.svc_before_larv(args),
+                                svc_alpha=args.svc_alpha, hash_inputs=not args.no_hash, **hparams)
+    # LARV veneer (--larv ...): per-leaf scales s from (base, delta); theta = theta0 + s * D.
+    t0 = time.perf_counter()
+    delta, scales, report["larv"] = larv_flags.finish(args, base, delta, models=models,
+                                                      method=args.method, hparams=hparams)
+    report["timings"]["larv_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     params = apply_delta(base, delta, scales=scales, consume=True)
     report["timings"]["apply_s"] = time.perf_counter() - t0
