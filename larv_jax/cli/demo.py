@@ -44,6 +44,11 @@ def add_parser(sub) -> None:
     p.add_argument("--schedules", default=None,
                    help="comma-separated depth-only schedules, '' for none (default: "
                         "linear,tier2,tier3,tier6,tier12; linear with --quick)")
+    p.add_argument("--diag-mode", choices=("exact", "randomized"), default="exact",
+                   help="r_eff of the merged update: exact (all singular values; the zoo's "
+                        "matrices are at most 64 wide, narrower than the randomized sketch's "
+                        "k + p = 74 columns) or randomized (SPEC default for full-size models) "
+                        "(default: exact)")
     p.add_argument("--batch-size", type=int, default=250,
                    help="evaluation batch size (default: 250)")
     p.add_argument("--no-progress", action="store_true",
@@ -150,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         return larv_mergers.merger(method, model=model_name, **options)
 
     for row in run_grid(base=base_flat, tau=tau, mergers=mergers_, gates=gates,
-                        resolve_merger=resolve, seed=args.seed,
+                        resolve_merger=resolve, seed=args.seed, diag_mode=args.diag_mode,
                         evaluate=lambda p: eval_on(unflatten(p), tasks),
                         on_diagnostics=lambda label, d: diags.__setitem__(label, d)):
         rows.append(row)
@@ -172,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         f"{config.vision.width}, patch {config.vision.patch_size}, {len(names)} tasks; "
         f"LARV units L = {len(rows[0]['s']) if rows else 0}). Top-1 (%) on each task's test split "
         "through `larv_jax.eval.evaluate`; LARV rows: gain over the base merger in parentheses.",
+        f"LARV diagnostics: r_eff(theta0) exact, r_eff(D) {args.diag_mode}; module units.",
         "", main, "",
         "## Average top-1 (%) per veneer: none, LARV gates, depth-only schedules", "", sched, "",
         "## LARV gain over the base merger (average top-1, points)", "",

@@ -24,7 +24,17 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from larv_jax.zoo.build import MANIFEST, QUICK, ZooSpec, build_zoo, clip_config, zoo_spec
+from larv_jax.zoo.build import (
+    MANIFEST,
+    QUICK,
+    ZooSpec,
+    ZooState,
+    build_zoo,
+    clip_config,
+    train_zoo,
+    write_zoo,
+    zoo_spec,
+)
 from larv_jax.zoo.tasks import (
     QUICK_TASKS,
     TFDS_NAME,
@@ -76,6 +86,7 @@ def open_zoo(root: str | Path) -> Zoo:
 
 
 __all__ = [
-    "MANIFEST", "QUICK", "QUICK_TASKS", "TFDS_NAME", "ZOO_TASKS", "Zoo", "ZooSpec", "ZooTask",
+    "MANIFEST", "QUICK", "QUICK_TASKS", "TFDS_NAME", "ZOO_TASKS", "Zoo", "ZooSpec", "ZooState",
+    "ZooTask", "train_zoo", "write_zoo",
     "build_zoo", "clip_config", "eval_task", "get_zoo_task", "open_zoo", "zoo_spec",
 ]

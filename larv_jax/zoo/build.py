@@ -22,7 +22,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -78,8 +78,8 @@ class ZooSpec:
 QUICK = ZooSpec(tasks=QUICK_TASKS, vision_width=32, vision_layers=2, vision_heads=2,
                 text_width=32, text_layers=1, text_heads=2, embed_dim=32,
                 pretrain_pool=1_536, pretrain_steps=40, pretrain_batch=64, pretrain_lr=3e-3,
-                pretrain_warmup=5, n_train=256, n_test=128, finetune_steps=25,
-                finetune_batch=32, finetune_lr=2e-3, finetune_warmup=3, digits_test_glyphs=128)
+                pretrain_warmup=5, n_train=256, n_test=128, finetune_steps=60,
+                finetune_batch=32, finetune_lr=3e-3, finetune_warmup=3, digits_test_glyphs=128)
 
 
 def zoo_spec(quick: bool = False, **overrides: Any) -> ZooSpec:
@@ -162,41 +162,36 @@ def _timed(timings: dict[str, float], key: str, t0: float) -> float:
     return now
 
 
-def build_zoo(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
-              spec: ZooSpec | None = None, force: bool = False, progress: bool = False,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build the zoo under ``out_dir`` (or reuse it) and return its manifest.
+class ZooState(NamedTuple):
+    """A trained zoo in memory (what :func:`write_zoo` writes)."""
 
-    Reuses an existing zoo whose manifest has the same ``seed`` and spec hash (unless ``force``).
-    ``out_dir`` must be absent, empty, or a zoo (a ``manifest.json``): anything else is a
-    FileExistsError, so a mistyped path is never replaced. ``log`` receives one-line stage notes.
-    """
+    spec: ZooSpec
+    seed: int
+    config: Any                    # CLIPConfig of the pretrained model
+    tokenizer: Any                 # tokenizers.Tokenizer (word level)
+    params: dict[str, Any]         # pretrained CLIP, numpy leaves
+    finetuned: dict[str, Any]      # task -> {"visual": ...} (no proj), numpy leaves
+    data: dict[str, Any]           # task -> {"train": (x, y), "test": (x, y)}
+    results: dict[str, Any]        # task -> accuracies, sizes, losses
+    pretrain_losses: list[float]
+    timings: dict[str, float]
+
+
+def train_zoo(*, seed: int = 0, spec: ZooSpec | None = None, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> ZooState:
+    """Generate the data, pretrain the CLIP, fine-tune one vision tower per task (in memory)."""
     import jax
 
-    from larv_jax.checkpoint import save_hf
     from larv_jax.eval.heads import zero_shot_head
     from larv_jax.models.clip import init_params
     from larv_jax.models.tokenizer import CLIPTokenizer
-    from larv_jax.zoo import tfds_builder, train, vocab
+    from larv_jax.zoo import train, vocab
+    from larv_jax.zoo.tasks import all_prompts
 
-    out_dir = Path(out_dir)
-    spec = spec or zoo_spec(quick)
+    spec = spec or zoo_spec()
     say = log or (lambda _: None)
-    if out_dir.exists() and not force:
-        existing = _read_manifest(out_dir) if (out_dir / MANIFEST).exists() else None
-        if existing and existing.get("seed") == seed and existing.get("spec_hash") == spec.digest():
-            missing = [p for p in existing.get("files", {}) if not (out_dir / p).exists()]
-            if not missing:
-                say(f"zoo {out_dir}: up to date (seed {seed}, spec {spec.digest()}); reusing it")
-                return existing
-            say(f"zoo {out_dir}: {len(missing)} file(s) missing ({missing[0]}); rebuilding")
-    if out_dir.exists() and (not out_dir.is_dir() or (
-            any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
-        raise FileExistsError(f"{out_dir} exists and is not a zoo (no {MANIFEST}); "
-                              "pick another --out or remove it")
-
     timings: dict[str, float] = {}
-    t_start = t0 = time.perf_counter()
+    t0 = time.perf_counter()
     glyphs = split_glyphs(seed, spec.digits_test_glyphs)
     data = {}
     for name in _iter(spec.tasks, "tasks", progress):
@@ -207,15 +202,12 @@ def build_zoo(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
     say(f"data: {len(spec.tasks)} tasks x ({spec.n_train} train, {spec.n_test} test), "
         f"{spec.pretrain_pool} captioned images ({timings['data']:.1f} s)")
 
-    from larv_jax.zoo.tasks import all_prompts
-
     tok = vocab.build_tokenizer([*captions, *all_prompts()])
     config = clip_config(spec, tok.get_vocab_size())
     tokenizer = CLIPTokenizer(tok, spec.context_length)
     unique, caption_ids = np.unique(np.asarray(captions), return_inverse=True)
     unique_ids = tokenizer(list(unique))
-    params = init_params(config, seed=seed)
-    params = jax.tree.map(np.asarray, params)
+    params = jax.tree.map(np.asarray, init_params(config, seed=seed))
     params, losses = train.pretrain(
         params, config=config, images=pool_images, ids=unique_ids[caption_ids],
         caption_ids=caption_ids, steps=spec.pretrain_steps, batch_size=spec.pretrain_batch,
@@ -235,7 +227,7 @@ def build_zoo(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
         head = zero_shot_head(params, config, tokenizer, task.classnames, task.templates)
         zs = train.accuracy(base_vision, config=config, proj=proj, head=head, images=xte,
                             labels=yte)
-        t0 = _timed(timings, "zero_shot", t0)
+        t0 = _timed(timings, "evaluate", t0)
         vparams, ft_losses = train.finetune(
             base_vision, config=config, proj=proj, head=head, images=xtr, labels=ytr,
             steps=spec.finetune_steps, batch_size=spec.finetune_batch, lr=spec.finetune_lr,
@@ -243,7 +235,7 @@ def build_zoo(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
             seed=seed * 1000 + k, progress=progress, desc=f"finetune {name}")
         t0 = _timed(timings, "finetune", t0)
         ft = train.accuracy(vparams, config=config, proj=proj, head=head, images=xte, labels=yte)
-        t0 = _timed(timings, "zero_shot", t0)
+        t0 = _timed(timings, "evaluate", t0)
         finetuned[name] = vparams
         results[name] = {"classes": list(task.classnames), "templates": list(task.templates),
                          "n_train": int(len(ytr)), "n_test": int(len(yte)),
@@ -251,28 +243,78 @@ def build_zoo(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
                          "finetune_loss_first": float(np.mean(ft_losses[:5])),
                          "finetune_loss_last": float(np.mean(ft_losses[-5:]))}
         say(f"{name:>13}: zero-shot {zs:6.1%} -> fine-tuned {ft:6.1%}")
+    return ZooState(spec, seed, config, tok, params, finetuned, data, results, losses, timings)
 
+
+def write_zoo(state: ZooState, out_dir: str | Path, *, quick: bool = False,
+              progress: bool = False) -> dict[str, Any]:
+    """Write a trained zoo (datasets, checkpoints, tokenizer, manifest) atomically to ``out_dir``;
+    returns the manifest (``files``: sha256 of every file written)."""
+    from larv_jax.checkpoint import save_hf
+    from larv_jax.zoo import tfds_builder, vocab
+
+    spec, timings = state.spec, dict(state.timings)
+    losses = state.pretrain_losses
     manifest: dict[str, Any] = {
-        "format": FORMAT, "seed": seed, "quick": bool(quick), "spec_hash": spec.digest(),
-        "spec": spec.to_dict(), "tasks": results, "vocab_size": tok.get_vocab_size(),
+        "format": FORMAT, "seed": state.seed, "quick": bool(quick), "spec_hash": spec.digest(),
+        "spec": spec.to_dict(), "tasks": state.results,
+        "vocab_size": state.tokenizer.get_vocab_size(),
         "pretrain_loss_first": float(np.mean(losses[:10])),
         "pretrain_loss_last": float(np.mean(losses[-10:])),
         "versions": _versions(),
     }
+    t0 = time.perf_counter()
     with atomic_path(out_dir, is_dir=True) as tmp:
         for name in _iter(spec.tasks, "write datasets", progress):
-            tfds_builder.write_task(name, data[name], tmp / "data")
-        save_hf(params, config, tmp / "pretrained",
-                extra_files={"tokenizer.json": vocab.tokenizer_json(tok)})
+            tfds_builder.write_task(name, state.data[name], tmp / "data")
+        save_hf(state.params, state.config, tmp / "pretrained",
+                extra_files={"tokenizer.json": vocab.tokenizer_json(state.tokenizer)})
         for name in spec.tasks:
-            save_hf(finetuned[name], config.vision_only(), tmp / "finetuned" / name)
-        t0 = _timed(timings, "write", t0)
+            save_hf(state.finetuned[name], state.config.vision_only(), tmp / "finetuned" / name)
+        _timed(timings, "write", t0)
         manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
-        timings["total"] = round(time.perf_counter() - t_start, 2)
+        timings["total"] = round(sum(timings.values()), 2)
         manifest["timings_s"] = timings
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    say(f"zoo written to {out_dir} ({timings['total']:.1f} s)")
+    return manifest
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """FileExistsError unless ``out_dir`` is absent, an empty directory, or a zoo."""
+    if out_dir.exists() and (not out_dir.is_dir() or (
+            any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
+        raise FileExistsError(f"{out_dir} exists and is not a zoo (no {MANIFEST}); "
+                              "pick another --out or remove it")
+
+
+def build_zoo(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
+              spec: ZooSpec | None = None, force: bool = False, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the zoo under ``out_dir`` (or reuse it) and return its manifest.
+
+    Reuses an existing zoo whose manifest has the same ``seed`` and spec hash and whose files are
+    all present (unless ``force``). ``out_dir`` must be absent, empty, or a zoo (a
+    ``manifest.json``): anything else is a FileExistsError, so a mistyped path is never replaced.
+    ``log`` receives one-line stage notes; ``progress`` shows tqdm bars.
+    """
+    out_dir = Path(out_dir)
+    spec = spec or zoo_spec(quick)
+    say = log or (lambda _: None)
+    if out_dir.exists() and not force and (out_dir / MANIFEST).exists():
+        existing = _read_manifest(out_dir)
+        if existing.get("seed") == seed and existing.get("spec_hash") == spec.digest():
+            missing = [p for p in existing.get("files", {}) if not (out_dir / p).exists()]
+            if not missing:
+                say(f"zoo {out_dir}: up to date (seed {seed}, spec {spec.digest()}); reusing it")
+                return existing
+            say(f"zoo {out_dir}: {len(missing)} file(s) missing ({missing[0]}); rebuilding")
+        else:
+            say(f"zoo {out_dir}: seed or spec changed; rebuilding")
+    check_out_dir(out_dir)
+    state = train_zoo(seed=seed, spec=spec, progress=progress, log=log)
+    manifest = write_zoo(state, out_dir, quick=quick, progress=progress)
+    say(f"zoo written to {out_dir} ({manifest['timings_s']['total']:.1f} s)")
     return manifest
 
 

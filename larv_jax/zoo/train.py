@@ -74,7 +74,8 @@ def _pretrain_step(config: CLIPConfig, lr: float, steps: int, warmup: int, weigh
     @jax.jit
     def step(params, opt_state, images, ids, cap):
         loss, grads = jax.value_and_grad(loss_fn)(params, images, ids, cap)
-        updates, opt_state = opt.update(grads, opt_state, params)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
+            updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params = {**params, "logit_scale": jnp.minimum(params["logit_scale"], MAX_LOGIT_SCALE)}
         return params, opt_state, loss
@@ -159,7 +160,8 @@ def _finetune_step(config: CLIPConfig, lr: float, steps: int, warmup: int, weigh
     @jax.jit
     def step(vparams, opt_state, proj, head, valid, images, labels):
         loss, grads = jax.value_and_grad(loss_fn)(vparams, proj, head, valid, images, labels)
-        updates, opt_state = opt.update(grads, opt_state, vparams)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
+            updates, opt_state = opt.update(grads, opt_state, vparams)
         return optax.apply_updates(vparams, updates), opt_state, loss
 
     return opt, step
