@@ -8,13 +8,24 @@ transposed, the patch conv transposed), plus ``[1, 768, 512]`` for ``visual/proj
 of ``larv_jax.diagnostics.kernels`` are vmapped over a bucket and jit-compiled once per bucket
 shape (``TRACES`` counts the traces).
 
-Devices: the bucket (matrix) axis is sharded over a 1-D mesh ``("b",)`` of ``devices`` (default
-``jax.devices()``) with ``jax.shard_map``; a bucket is padded with zero matrices to a multiple of
-the device count and the padding is dropped. The matrices are independent, so no communication
-happens. Multi-host: call ``jax.distributed.initialize()`` on every host first, then make the same
-``base_cache``/``diagnose`` call with the same inputs on every host: ``jax.devices()`` is then the
-global device list, every host places its own shard (``jax.device_put`` of the same host array),
-and the results are gathered with ``multihost_utils.process_allgather``.
+Devices: the bucket (matrix) axis is split over ``devices`` (default ``jax.local_devices()``):
+the bucket is padded with zero matrices to a multiple of the device count (padding dropped after),
+and each device gets one contiguous chunk. Two executions are available (``execution=``):
+
+- ``"per_device"`` (default): the jitted, vmapped kernel is dispatched asynchronously once per
+  device on its chunk (``jax.device_put(chunk, device)``); one trace per bucket shape, the
+  devices run concurrently. The matrices are independent, so no communication is needed.
+- ``"spmd"``: one ``jax.jit(jax.shard_map(...))`` over a 1-D ``Mesh(devices, ("b",))`` with inputs
+  placed by ``NamedSharding(mesh, P("b"))``. Same numbers; NOT the default because on this
+  jaxlib (0.10.2, XLA:CPU, 2 fake devices on 2 cores) SPMD programs that mix LAPACK custom calls
+  (Cholesky, eigvalsh, sytrd) intermittently hung (all threads idle, one device's execution never
+  completing), both with shard_map and with jit + NamedSharding; per-device dispatch never did.
+
+Multi-host: call ``jax.distributed.initialize()`` on every host, then make the same
+``base_cache``/``diagnose`` call with the same inputs on every host. With ``per_device`` each
+process takes the contiguous slice ``process_index`` of every bucket, runs it on its local devices
+and the slices are exchanged with ``multihost_utils.process_allgather``; with ``spmd`` pass
+``devices=jax.devices()`` (the global list) and the mesh spans all hosts.
 """
 
 from __future__ import annotations
@@ -88,26 +99,78 @@ def plan_buckets(unit_list: Sequence[Unit], shapes: Mapping[str, Sequence[int]]
 class BaseCache(NamedTuple):
     """Everything that depends only on theta0, computed once per pretrained model.
 
-    Per bucket (tuples aligned with ``plan``), padded to a multiple of the device count and
-    sharded over the matrix axis: ``reff`` [N] r_eff(theta0) (exact by default), ``norm`` [N]
-    ||theta0||_F, ``gram`` [N, n, n] = A^T A of the tall view (None for square buckets, whose
-    Eq. 6 commutator does not use it). ``plan`` and ``mode`` are static metadata.
+    Per bucket (tuples aligned with ``plan``; host numpy arrays, so one cache serves any device
+    count): ``reff`` [N] r_eff(theta0) (exact by default), ``norm`` [N] ||theta0||_F, ``gram``
+    [N, n, n] = A^T A of the tall view (None for square buckets, whose Eq. 6 commutator does not
+    use it). ``plan`` and ``mode`` are static metadata.
     """
 
     plan: tuple[Bucket, ...]
-    reff: tuple[jax.Array, ...]
-    norm: tuple[jax.Array, ...]
-    gram: tuple[jax.Array | None, ...]
+    reff: tuple[np.ndarray, ...]
+    norm: tuple[np.ndarray, ...]
+    gram: tuple[np.ndarray | None, ...]
     mode: str
 
 
-def _mesh(devices: Sequence[jax.Device] | None) -> Mesh:
-    return Mesh(np.array(list(devices) if devices is not None else jax.devices()), ("b",))
+EXECUTIONS = ("per_device", "spmd")
 
 
-def _padded(n: int, mesh: Mesh) -> int:
-    d = mesh.devices.size
+class _Placement(NamedTuple):
+    """Where a bucket runs: local ``devices``; this process's slice of every bucket."""
+
+    devices: tuple[jax.Device, ...]
+    execution: str
+    mesh: Mesh | None
+
+    @property
+    def size(self) -> int:
+        return len(self.devices)
+
+
+def _placement(devices: Sequence[jax.Device] | None, execution: str) -> _Placement:
+    if execution not in EXECUTIONS:
+        raise ValueError(f"unknown execution {execution!r}; valid: {list(EXECUTIONS)}")
+    if execution == "spmd":
+        devs = tuple(devices) if devices is not None else tuple(jax.devices())
+        return _Placement(devs, execution, Mesh(np.array(devs), ("b",)))
+    devs = tuple(devices) if devices is not None else tuple(jax.local_devices())
+    return _Placement(devs, execution, None)
+
+
+def _padded(n: int, place: _Placement) -> int:
+    d = place.size
+    if place.execution == "per_device":
+        d *= jax.process_count()
     return max(1, math.ceil(n / d)) * d
+
+
+def _process_slice(n_pad: int, place: _Placement) -> slice:
+    if place.execution == "spmd" or jax.process_count() == 1:
+        return slice(0, n_pad)
+    per = n_pad // jax.process_count()
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
+    """Run ``fn`` (vmapped over axis 0 of every arg) on this process's slice; host results."""
+    if place.execution == "spmd":
+        sharding = NamedSharding(place.mesh, P("b"))
+        out = fn(*[jax.device_put(a, sharding) for a in args])
+        return jax.tree.map(_fetch, out)
+    n_pad = args[0].shape[0]
+    sl = _process_slice(n_pad, place)
+    chunk = (sl.stop - sl.start) // place.size
+    outs = []
+    for i, dev in enumerate(place.devices):  # async dispatch: devices run concurrently
+        lo = sl.start + i * chunk
+        outs.append(fn(*[jax.device_put(a[lo:lo + chunk], dev) for a in args]))
+    local = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        local = jax.tree.map(
+            lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), local)
+    return local
 
 
 def _stack(flat: Mapping[str, Any], bucket: Bucket, n_pad: int, what: str) -> np.ndarray:
@@ -133,13 +196,8 @@ def _check_finite(x: np.ndarray, bucket: Bucket, what: str) -> None:
         raise ValueError(f"{what}: parameter {where} has non-finite values")
 
 
-def _put(x: Any, mesh: Mesh) -> jax.Array:
-    sharding = NamedSharding(mesh, P("b"))
-    return jax.device_put(x, sharding)
-
-
 def _fetch(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -165,7 +223,7 @@ def _entropy(a: jax.Array, g: jax.Array, key: jax.Array, mode: str, k: int, p: i
 
 
 @functools.cache
-def _base_fn(mesh: Mesh, square: bool, mode: str, k: int, p: int, q: int) -> Callable:
+def _base_fn(mesh: Mesh | None, square: bool, mode: str, k: int, p: int, q: int) -> Callable:
     def one(a, key):
         g = a.T @ a
         reff = jnp.exp(_entropy(a, g, key, mode, k, p, q))
@@ -175,11 +233,11 @@ def _base_fn(mesh: Mesh, square: bool, mode: str, k: int, p: int, q: int) -> Cal
         TRACES["base"] += 1
         return jax.vmap(one)(a, keys)
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
+    return _compile(local, mesh)
 
 
 @functools.cache
-def _diag_fn(mesh: Mesh, square: bool, mode: str, k: int, p: int, q: int, eps: float,
+def _diag_fn(mesh: Mesh | None, square: bool, mode: str, k: int, p: int, q: int, eps: float,
              zero_rtol: float) -> Callable:
     def one(a, d, key, reff_a, norm_a, g_a):
         norm_d = jnp.linalg.norm(d)
@@ -201,6 +259,12 @@ def _diag_fn(mesh: Mesh, square: bool, mode: str, k: int, p: int, q: int, eps: f
         fn = lambda a, d, keys, reff_a, norm_a: local(a, d, keys, reff_a, norm_a)  # noqa: E731
     else:
         fn = local
+    return _compile(fn, mesh)
+
+
+def _compile(fn: Callable, mesh: Mesh | None) -> Callable:
+    if mesh is None:
+        return jax.jit(fn)
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
 
 
@@ -213,7 +277,8 @@ def _check_args(mode: str, k: int, p: int, q: int) -> None:
 
 def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode: str = "exact",
                key: jax.Array | None = None, k: int = 64, p: int = 10, q: int = 2,
-               devices: Sequence[jax.Device] | None = None) -> BaseCache:
+               devices: Sequence[jax.Device] | None = None,
+               execution: str = "per_device") -> BaseCache:
     """Per-base quantities: r_eff(theta0) per matrix and the tall-view Grams ``A^T A``.
 
     Args:
@@ -221,6 +286,7 @@ def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode:
       unit_list: from :func:`larv_jax.diagnostics.units`.
       mode: ``"exact"`` (SPEC default: eigenvalues of the n x n Gram) or ``"randomized"`` (the
         paper's literal reading; needs ``key``).
+      devices, execution: see :func:`diagnose`.
     """
     _check_args(mode, k, p, q)
     if mode == "randomized" and key is None:
@@ -228,40 +294,41 @@ def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode:
     key = jax.random.PRNGKey(0) if key is None else key
     shapes = {p_: np.shape(v) for p_, v in base_flat.items()}
     plan = plan_buckets(unit_list, shapes)
-    mesh = _mesh(devices)
+    place = _placement(devices, execution)
     reffs, norms, grams = [], [], []
     for bi, bucket in enumerate(plan):
-        n_pad = _padded(len(bucket.members), mesh)
+        n_real = len(bucket.members)
+        n_pad = _padded(n_real, place)
         a = _stack(base_flat, bucket, n_pad, "base")
         _check_finite(a, bucket, "base")
-        fn = _base_fn(mesh, bucket.square, mode, k, p, q)
-        reff, norm, g = fn(_put(a, mesh), _put(_keys(key, bi, n_pad), mesh))
-        reffs.append(reff)
-        norms.append(norm)
-        grams.append(g)
+        fn = _base_fn(place.mesh, bucket.square, mode, k, p, q)
+        reff, norm, g = _run(fn, [a, np.asarray(_keys(key, bi, n_pad))], place)
+        reffs.append(reff[:n_real])
+        norms.append(norm[:n_real])
+        grams.append(None if g is None else g[:n_real])
     return BaseCache(plan, tuple(reffs), tuple(norms), tuple(grams), mode)
 
 
-def _repad(x: jax.Array, n_real: int, n_pad: int, mesh: Mesh) -> jax.Array:
-    if x.shape[0] == n_pad and getattr(x, "sharding", None) == NamedSharding(mesh, P("b")):
+def _pad(x: np.ndarray, n_pad: int) -> np.ndarray:
+    if x.shape[0] == n_pad:
         return x
-    host = _fetch(x)[:n_real]
-    out = np.zeros((n_pad,) + host.shape[1:], host.dtype)
-    out[:n_real] = host
-    return _put(out, mesh)
+    out = np.zeros((n_pad,) + x.shape[1:], x.dtype)
+    out[: x.shape[0]] = x
+    return out
 
 
 def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
              units: Sequence[Unit], key: jax.Array, mode: str = "randomized", k: int = 64,
              p: int = 10, q: int = 2, cache: BaseCache | None = None, eps: float = K.EPS,
              zero_rtol: float = 1e-7, devices: Sequence[jax.Device] | None = None,
+             execution: str = "per_device",
              callback: Callable[[int, int, Bucket], None] | None = None) -> Diagnostics:
     """LARV diagnostics (SPEC §2, Eqs. 5-7) of theta0 and the merged update D, per unit.
 
     Args:
       base_flat / delta_flat: ``{path: array}`` (Flax layout, stacked ``[B, ...]``) of theta0 and
         of the merged delta D (including the merger's own coefficient). Only the units' matrices
-        are read; every one must be present in both with the same shape.
+        are read; every one must be present in both with the same shape and finite.
       units: the unit list (:func:`larv_jax.diagnostics.units`), fixing L and the depth order.
       key: PRNG key of the randomized SVD (matrix i of bucket b uses ``fold_in(fold_in(key, b),
         i)``, so results do not depend on the device count).
@@ -270,7 +337,10 @@ def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
         ``cache``; without one, an exact :func:`base_cache` is computed first.
       k, p, q: sketch rank, oversampling, power iterations (SPEC: 64, 10, 2).
       eps, zero_rtol: see :func:`larv_jax.diagnostics.kernels.contrast`.
-      devices: devices of the 1-D mesh (default ``jax.devices()``).
+      devices: devices the matrix axis is split over (default: ``jax.local_devices()``;
+        ``jax.devices()`` for ``execution="spmd"``).
+      execution: ``"per_device"`` (default) or ``"spmd"`` (shard_map over a 1-D mesh); see the
+        module docstring.
       callback: called as ``callback(i, n_buckets, bucket)`` after each bucket (progress bars).
 
     Returns:
@@ -289,34 +359,34 @@ def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
             if tuple(np.shape(delta_flat[ref.path])) != tuple(shapes[ref.path]):
                 raise ValueError(f"parameter {ref.path!r}: base shape {tuple(shapes[ref.path])} "
                                  f"!= update shape {tuple(np.shape(delta_flat[ref.path]))}")
+    place = _placement(devices, execution)
     if cache is None:
-        cache = base_cache(base_flat, units, devices=devices)
+        cache = base_cache(base_flat, units, devices=devices, execution=execution)
     elif cache.plan != plan:
         raise ValueError("BaseCache was computed for different units or parameter shapes")
-    mesh = _mesh(devices)
     results = []
     for bi, bucket in enumerate(plan):
         n_real = len(bucket.members)
-        n_pad = _padded(n_real, mesh)
+        n_pad = _padded(n_real, place)
         a = _stack(base_flat, bucket, n_pad, "base")
         d = _stack(delta_flat, bucket, n_pad, "update")
         _check_finite(d, bucket, "update")
-        fn = _diag_fn(mesh, bucket.square, mode, k, p, q, float(eps), float(zero_rtol))
-        args = [_put(a, mesh), _put(d, mesh), _put(_keys(key, bi, n_pad), mesh),
-                _repad(cache.reff[bi], n_real, n_pad, mesh),
-                _repad(cache.norm[bi], n_real, n_pad, mesh)]
+        fn = _diag_fn(place.mesh, bucket.square, mode, k, p, q, float(eps), float(zero_rtol))
+        args = [a, d, np.asarray(_keys(key, bi, n_pad)), _pad(cache.reff[bi], n_pad),
+                _pad(cache.norm[bi], n_pad)]
         if not bucket.square:
-            args.append(_repad(cache.gram[bi], n_real, n_pad, mesh))
-        out = fn(*args)
-        out = {name: _fetch(v)[:n_real] for name, v in out.items()}
-        out["reff_base"] = _fetch(cache.reff[bi])[:n_real]
-        out["norm_base"] = _fetch(cache.norm[bi])[:n_real]
+            args.append(_pad(cache.gram[bi], n_pad))
+        out = _run(fn, args, place)
+        out = {name: v[:n_real] for name, v in out.items()}
+        out["reff_base"] = cache.reff[bi]
+        out["norm_base"] = cache.norm[bi]
         results.append(out)
         if callback is not None:
             callback(bi, len(plan), bucket)
     return _assemble(units, plan, results, dict(
         mode=mode, base_mode=cache.mode, k=k, p=p, q=q, eps=eps, zero_rtol=zero_rtol,
-        devices=mesh.devices.size, buckets=[[len(b.members), *b.shape] for b in plan]))
+        devices=place.size, execution=execution,
+        buckets=[[len(b.members), *b.shape] for b in plan]))
 
 
 def _assemble(units: list[Unit], plan: tuple[Bucket, ...], results: list[dict[str, np.ndarray]],

@@ -66,11 +66,12 @@ def exact_entropy(a: jax.Array) -> jax.Array:
 
 
 def psd_eigvals(g: jax.Array) -> jax.Array:
-    """Eigenvalues (descending) of a small symmetric PSD ``g`` [k, k] as its singular values.
+    """Eigenvalues (descending, clipped at 0) of a small symmetric PSD ``g`` [k, k].
 
-    LAPACK ``gesdd`` without vectors; measured far faster on CPU than ``eigvalsh`` at k ~ 74.
+    ``jnp.linalg.eigvalsh``. (``svd(compute_uv=False)`` is faster here, but on this jaxlib a
+    program mixing it with the Cholesky of :func:`orthonormalize` hung on 2 fake CPU devices.)
     """
-    return jnp.linalg.svd(0.5 * (g + g.T), compute_uv=False)
+    return jnp.clip(jnp.linalg.eigvalsh(0.5 * (g + g.T)), 0.0, None)[::-1]
 
 
 def _lower_tri_inv(lo: jax.Array) -> jax.Array:
@@ -83,9 +84,8 @@ def _lower_tri_inv(lo: jax.Array) -> jax.Array:
     k = lo.shape[0]
     eye = jnp.eye(k, dtype=lo.dtype)
     x = eye / jnp.diagonal(lo)[None, :]
-    for _ in range(max(1, math.ceil(math.log2(max(k, 2)))) + 1):
-        x = x @ (2.0 * eye - lo @ x)
-    return x
+    steps = max(1, math.ceil(math.log2(max(k, 2)))) + 1
+    return jax.lax.fori_loop(0, steps, lambda _, x: x @ (2.0 * eye - lo @ x), x)
 
 
 def _cholqr_pass(y: jax.Array, rel_shift: float) -> jax.Array:
@@ -125,8 +125,7 @@ def randomized_svdvals(a: jax.Array, key: jax.Array, *, k: int = 64, p: int = 10
     kk = min(k + p, m, n)
     omega = jax.random.normal(key, (n, kk), a.dtype)
     qm = orthonormalize(a @ omega)
-    for _ in range(q):
-        qm = orthonormalize(a @ orthonormalize(a.T @ qm))
+    qm = jax.lax.fori_loop(0, q, lambda _, qm: orthonormalize(a @ orthonormalize(a.T @ qm)), qm)
     b = qm.T @ a
     return jnp.sqrt(psd_eigvals(b @ b.T))
 
@@ -145,8 +144,7 @@ def randomized_gram_eigvals(g: jax.Array, key: jax.Array, *, k: int = 64, p: int
     kk = min(k + p, n)
     omega = jax.random.normal(key, (n, kk), g.dtype)
     qm = orthonormalize(g @ omega)
-    for _ in range(q):
-        qm = orthonormalize(g @ qm)
+    qm = jax.lax.fori_loop(0, q, lambda _, qm: orthonormalize(g @ qm), qm)
     return psd_eigvals(qm.T @ (g @ qm))
 
 
