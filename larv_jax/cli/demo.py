@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     def eval_on(params, task_list):
         res = evaluate(params, clip_params, config, task_list, data_dir, heads=heads,
-                       sources=sources, batch_size=args.batch_size)
+                       sources=sources, batch_size=args.batch_size, num_threads=2)
         return {"tasks": {k: {"top1": v["top1"], "n": v["n"]} for k, v in res["tasks"].items()},
                 "average": res["average"]}
 
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         individual.append(r["tasks"][task.name]["top1"])
     individual.append(float(np.mean(individual)))
 
+    t_ref = time.perf_counter()
     mergers_, gates = report.grid(methods, schedules)
     print(f"[4/5] grid: {len(mergers_)} mergers x {len(gates)} veneers "
           f"({', '.join(g['name'] for g in gates)}) over {len(names)} tasks")
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
 
+    t_grid = time.perf_counter()
     print(f"[5/5] writing {out}")
     main = report.main_table(rows, names, pretrained=pretrained, individual=individual)
     sched = report.schedule_table(rows, names)
@@ -204,7 +206,10 @@ def run(args: argparse.Namespace) -> int:
             "pretrained": dict(zip([*names, "average"], pretrained, strict=True)),
             "individual": dict(zip([*names, "average"], individual, strict=True)),
             "zoo_manifest_tasks": manifest["tasks"], "larv_gain": summary,
-            "seconds": {"zoo": round(t_zoo, 1), "total": round(time.perf_counter() - t_start, 1)},
+            "seconds": {"zoo": round(t_zoo, 1),
+                        "load_and_reference_rows": round(t_ref - t_start - t_zoo, 1),
+                        "grid": round(t_grid - t_ref, 1),
+                        "total": round(time.perf_counter() - t_start, 1)},
         }, indent=2, default=_json_default) + "\n")
     print()
     print(main)

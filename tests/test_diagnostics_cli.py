@@ -1,0 +1,84 @@
+"""``larv diagnose`` end to end on tiny HF checkpoints, and its refusals."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from larv_jax import diagnostics as dg
+from larv_jax.checkpoint import save_hf
+from larv_jax.cli import main
+from larv_jax.models.clip import init_params
+from larv_jax.models.config import CLIPConfig, VisionConfig
+from larv_jax.tree import flatten, unflatten
+
+SMALL = CLIPConfig(vision=VisionConfig(width=32, layers=2, heads=2, mlp_dim=128, patch_size=4,
+                                       image_size=8), name="small")
+
+
+def _save(flat, cfg, path):
+    save_hf(unflatten({k: np.asarray(v) for k, v in flat.items()}), cfg, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    base = {k: np.asarray(v) for k, v in flatten(init_params(SMALL)).items()}
+    rng = np.random.default_rng(0)
+    models = []
+    for i in range(2):
+        ft = {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32)
+              for k, v in base.items()}
+        models.append(_save(ft, SMALL, root / f"ft{i}"))
+    return root, _save(base, SMALL, root / "base"), models, base
+
+
+def test_diagnose_writes_json_csv_png_matching_the_library(ckpts, tmp_path):
+    root, base_dir, models, base = ckpts
+    out = tmp_path / "diag"
+    rc = main(["diagnose", "--base", str(base_dir), "--models", *map(str, models),
+               "--seed", "3", "--out", str(out)])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["diagnostics.csv", "diagnostics.json",
+                                                     "diagnostics.png"]
+    js = json.loads((out / "diagnostics.json").read_text())
+    assert js["num_units"] == 7 and js["settings"]["merge"]["method"] == "task_arithmetic"
+    # Same numbers as the library on TA (lam 0.3) computed here from the saved weights.
+    from larv_jax.checkpoint import load_params
+
+    taus = [flatten(load_params(m)[1]) for m in models]
+    base_rt = flatten(load_params(base_dir)[1])
+    delta = {k: 0.3 * sum(t[k] - base_rt[k] for t in taus) for k in base_rt}
+    us = dg.units({k: v.shape for k, v in base_rt.items()})
+    ref = dg.diagnose(base_rt, delta, units=us, key=jax.random.PRNGKey(3))
+    np.testing.assert_allclose([u["e"] for u in js["units"]], ref.e, rtol=1e-4)
+    np.testing.assert_allclose([u["c"] for u in js["units"]], ref.c, rtol=1e-4)
+
+
+def test_bad_inputs_exit_nonzero_and_write_nothing(ckpts, tmp_path, capsys):
+    root, base_dir, models, base = ckpts
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--base", str(base_dir), "--models", "--out", str(out)]) != 0
+    assert "at least one" in capsys.readouterr().err
+    # A model whose fc1 has a NaN: the error names the file and the parameter.
+    bad = dict(base)
+    p = "visual/transformer/resblocks/mlp/c_fc/kernel"
+    bad[p] = bad[p].copy()
+    bad[p][0, 0, 0] = np.nan
+    bad_dir = _save(bad, SMALL, tmp_path / "nan_model")
+    assert main(["diagnose", "--base", str(base_dir), "--models", str(bad_dir),
+                 "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "nan_model" in err and "c_fc/kernel" in err and ("NaN" in err or "non-finite" in err)
+    # A model of another width: shapes differ.
+    wide = CLIPConfig(vision=VisionConfig(width=64, layers=2, heads=2, mlp_dim=128,
+                                          patch_size=4, image_size=8), name="wide")
+    wide_dir = _save(flatten(init_params(wide)), wide, tmp_path / "wide_model")
+    assert main(["diagnose", "--base", str(base_dir), "--models", str(wide_dir),
+                 "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "wide_model" in err and "shape" in err
+    assert not out.exists()
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".diag")]
