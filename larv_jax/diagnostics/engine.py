@@ -161,9 +161,16 @@ def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
     sl = _process_slice(n_pad, place)
     chunk = (sl.stop - sl.start) // place.size
     outs = []
-    for i, dev in enumerate(place.devices):  # async dispatch: devices run concurrently
+    # Accelerators: async dispatch, the devices run concurrently. Host (CPU) "devices" share the
+    # same cores, so concurrency buys nothing there, and concurrent LAPACK-backed executables on
+    # several fake CPU devices were seen to deadlock (all threads in futex wait) under load:
+    # run them one after the other.
+    serial = all(d.platform == "cpu" for d in place.devices)
+    for i, dev in enumerate(place.devices):
         lo = sl.start + i * chunk
         outs.append(fn(*[jax.device_put(a[lo:lo + chunk], dev) for a in args]))
+        if serial:
+            jax.block_until_ready(outs[-1])
     local = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
