@@ -21,7 +21,7 @@ def test_zoo_cli_then_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--zoo", str(zoo_dir), "--out", str(out),
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "up to date" in printed  # the zoo was reused, not rebuilt
+    assert "using the zoo in" in printed  # the zoo was reused, not rebuilt
 
     names = list(zoo.task_names)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the end-to-end LARV benchmark on the offline zoo",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", type=Path, default=None,
-                   help="zoo directory, built there if absent or stale (default: results/zoo, "
-                        "or results/zoo-quick with --quick)")
+                   help="zoo directory: used as it is when it holds a zoo, built there "
+                        "otherwise (default: results/zoo, or results/zoo-quick with --quick, "
+                        "built, or rebuilt when its seed or spec is stale)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"results directory (default: {DEFAULT_OUT}, or {DEFAULT_OUT_QUICK} with "
                         "--quick)")
@@ -106,8 +107,13 @@ def run(args: argparse.Namespace) -> int:
     _check_out(out)
 
     print(f"[1/5] zoo: {zoo_dir}")
-    build_zoo(zoo_dir, seed=args.seed, quick=quick, progress=progress, log=print)
-    zoo = open_zoo(zoo_dir)
+    if args.zoo is not None and (args.zoo / "manifest.json").exists():
+        zoo = open_zoo(zoo_dir)  # an explicit zoo is used as it is, whatever spec built it
+        print(f"using the zoo in {zoo_dir} (seed {zoo.manifest['seed']}, spec "
+              f"{zoo.manifest['spec_hash']}); `larv zoo build --force` rebuilds it")
+    else:
+        build_zoo(zoo_dir, seed=args.seed, quick=quick, progress=progress, log=print)
+        zoo = open_zoo(zoo_dir)
     t_zoo = time.perf_counter() - t_start
 
     print("[2/5] loading checkpoints, task vectors, zero-shot heads")

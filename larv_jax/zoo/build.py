@@ -30,7 +30,7 @@ from larv_jax.io import atomic_path, sha256_file
 from larv_jax.zoo import images as im
 from larv_jax.zoo.tasks import QUICK_TASKS, ZOO_TASKS, get_zoo_task
 
-FORMAT = 1  # bump when the build procedure changes what a spec produces
+FORMAT = 2  # bump when the build procedure changes what a spec produces
 MANIFEST = "manifest.json"
 
 
@@ -272,12 +272,28 @@ def write_zoo(state: ZooState, out_dir: str | Path, *, quick: bool = False,
         for name in spec.tasks:
             save_hf(state.finetuned[name], state.config.vision_only(), tmp / "finetuned" / name)
         _timed(timings, "write", t0)
-        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p)
+        manifest["files"] = {str(p.relative_to(tmp)): _file_digest(p, tmp)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         timings["total"] = round(sum(timings.values()), 2)
         manifest["timings_s"] = timings
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+RECORDS_PREFIX = "records-sha256:"
+
+
+def _file_digest(path: Path, root: Path) -> str:
+    """sha256 of the file, except TFDS array_record shards: ``records-sha256:`` + the digest of
+    their decoded examples (:func:`larv_jax.zoo.tfds_builder.records_digest`), because TFDS
+    writes the same records with process-dependent bytes."""
+    from larv_jax.zoo.tfds_builder import records_digest
+
+    rel = path.relative_to(root).parts
+    if ".array_record-" in path.name and rel[:2] == ("data", "larv_zoo"):
+        split = path.name.split("-")[1].split(".")[0]  # larv_zoo-<split>.array_record-...
+        return RECORDS_PREFIX + records_digest(rel[2], split, root / "data")
+    return sha256_file(path)
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -10,6 +10,7 @@ to the builder; reading never calls the generator.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,6 +83,21 @@ def write_task(name: str, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]],
     finally:
         tfds.display_progress_bar(was_active)
     return Path(builder.data_dir)
+
+
+def records_digest(name: str, split: str, data_dir: str | Path) -> str:
+    """sha256 of a prepared split's decoded examples (image bytes, label) in file order.
+
+    The raw array_record bytes are not reproducible across processes: TFDS serialises each
+    tf.Example's feature map in an order that varies from process to process (same records,
+    same size, permuted bytes). The decoded content and the record order are reproducible.
+    """
+    images, labels = read_split(name, split, data_dir)
+    h = hashlib.sha256()
+    for img, lab in zip(images, labels, strict=True):
+        h.update(img.tobytes())
+        h.update(int(lab).to_bytes(8, "little", signed=True))
+    return h.hexdigest()
 
 
 def read_split(name: str, split: str, data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
