@@ -25,9 +25,10 @@ def test_zoo_cli_then_demo_quick(tmp_path, capsys):
 
     names = list(zoo.task_names)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    veneers = ["none", *report.LARV_GATES, *report.QUICK_SCHEDULES]
+    veneers = ["none", *report.LARV_GATES, *report.QUICK_SCHEDULES, report.MATCHED]
     assert [(r["merger"], r["gate"]) for r in rows] == [
         (m, g) for m in report.QUICK_METHODS for g in veneers]
+    by_cell = {(r["merger"], r["gate"]): r for r in rows}
     for r in rows:
         assert set(r["eval"]["tasks"]) == set(names)
         assert all(0.0 <= r["eval"]["tasks"][t]["top1"] <= 1.0 for t in names)
@@ -38,6 +39,8 @@ def test_zoo_cli_then_demo_quick(tmp_path, capsys):
             assert set(np.round(s, 6)) <= {0.5, 1.0, 1.5}
         if r["gate"] == "continuous":
             assert ((s > 0.5) & (s < 1.5)).all()
+            matched = by_cell[(r["merger"], report.MATCHED)]["s"]
+            np.testing.assert_allclose(matched, np.full(len(s), s.mean()), atol=1e-4)
 
     table = (out / "table.md").read_text()
     assert "| Method | " + " | ".join(names) + " | Avg. |" in table

@@ -5,7 +5,10 @@
 2. loads the checkpoints through ``larv_jax.checkpoint`` and forms the task vectors;
 3. runs every base merger of ``larv_jax.merging.METHODS`` plain, with LARV (tiered and continuous
    gates) and with the depth-only schedules (linear, tier2/3/6/12), one grid
-   (``larv_jax.larv.grid.run_grid``; each merger's delta and diagnostics computed once);
+   (``larv_jax.larv.grid.run_grid``; each merger's delta and diagnostics computed once), plus a
+   control: a uniform scale equal to the mean of the continuous gate's scales
+   (``matched_uniform``), which separates what the gate's depth profile does from what its
+   overall shrinking or growing does;
 4. evaluates every merged model on the zoo tasks' test splits through ``larv_jax.eval.evaluate``
    (zero-shot heads from the pretrained text tower, logits = 100 cos);
 5. writes ``table.md`` (LARV paper Table 1 shape: methods x tasks + average, LARV gains in
@@ -170,8 +173,28 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix(last=f"{row['merger']}/{row['gate']}: "
                                  f"{100 * row['eval']['average']:.1f}")
+    # Control: every base merger under a uniform scale equal to the mean of its continuous-gate
+    # scales (what the continuous gate does to the update's overall size, without the shape).
+    controls = []
+    for m in mergers_:
+        cont = next((r for r in rows if r["merger"] == m["name"] and r["gate"] == "continuous"),
+                    None)
+        if cont is not None:
+            mean_s = float(np.mean(cont["s"]))
+            controls.append((m, {"gate": f"uniform({mean_s:.4f})", "name": report.MATCHED}))
+    if bar is not None:
+        bar.total += len(controls)
+    for m, g in controls:
+        for row in run_grid(base=base_flat, tau=tau, mergers=[m], gates=[g],
+                            resolve_merger=resolve, seed=args.seed, diag_mode=args.diag_mode,
+                            evaluate=lambda p: eval_on(unflatten(p), tasks)):
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
+    order = {m["name"]: i for i, m in enumerate(mergers_)}
+    rows.sort(key=lambda r: order[r["merger"]])  # stable: each merger's veneers stay in order
 
     t_grid = time.perf_counter()
     print(f"[5/5] writing {out}")
@@ -187,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         "through `larv_jax.eval.evaluate`; LARV rows: gain over the base merger in parentheses.",
         f"LARV diagnostics: r_eff(theta0) exact, r_eff(D) {args.diag_mode}; module units.",
         "", main, "",
-        "## Average top-1 (%) per veneer: none, LARV gates, depth-only schedules", "", sched, "",
+        "## Average top-1 (%) per veneer: none, LARV gates, depth-only schedules, and "
+        "`matched_uniform` (a uniform scale equal to the mean continuous-gate s)", "", sched, "",
         "## LARV gain over the base merger (average top-1, points)", "",
         "| veneer | mean | min | max | mergers improved |", "|---|---:|---:|---:|---:|",
         *[f"| {g} | {100 * v['mean_gain']:+.2f} | {100 * v['min_gain']:+.2f} | "

@@ -22,6 +22,8 @@ LARV_GATES = ("tiered", "continuous")
 # Depth-only schedules (the LARV paper's Table 5/6 baselines), shown in the schedule table.
 SCHEDULES = ("linear", "tier2", "tier3", "tier6", "tier12")
 QUICK_METHODS = ("task_arithmetic", "ties")
+# Control veneer: uniform(mean of the continuous gate's s) per base merger.
+MATCHED = "matched_uniform"
 QUICK_SCHEDULES = ("linear",)
 
 
