@@ -2,7 +2,8 @@
 
 Every matrix of every unit is put into a *shape bucket*: matrices are viewed in the torch
 orientation ``[out, in]`` and wide ones are transposed to tall (``m >= n``; singular values and
-both Gram commutators are invariant under transposing A and D together), so for ViT-B/32 the
+both commutators are invariant under transposing A and D together, which also lets square and
+tall dense kernels be read in their stored Flax layout without a transpose copy), so for ViT-B/32 the
 buckets are ``[48, 768, 768]`` (q, k, v, out of 12 blocks) and ``[25, 3072, 768]`` (12 fc1, 12 fc2
 transposed, the patch conv transposed), plus ``[1, 768, 512]`` for ``visual/proj``. The kernels
 of ``larv_jax.diagnostics.kernels`` are vmapped over a bucket and jit-compiled once per bucket
@@ -12,14 +13,16 @@ Devices: the bucket (matrix) axis is split over ``devices`` (default ``jax.local
 the bucket is padded with zero matrices to a multiple of the device count (padding dropped after),
 and each device gets one contiguous chunk. Two executions are available (``execution=``):
 
-- ``"per_device"`` (default): the jitted, vmapped kernel is dispatched asynchronously once per
-  device on its chunk (``jax.device_put(chunk, device)``); one trace per bucket shape, the
-  devices run concurrently. The matrices are independent, so no communication is needed.
+- ``"per_device"`` (default): the jitted, vmapped kernel is dispatched once per device on its
+  chunk (``jax.device_put(chunk, device)``); one trace per bucket shape (XLA compiles it once
+  per device). Accelerators run concurrently (async dispatch); CPU devices, which share the host
+  cores anyway, run one after another. No communication is needed.
 - ``"spmd"``: one ``jax.jit(jax.shard_map(...))`` over a 1-D ``Mesh(devices, ("b",))`` with inputs
   placed by ``NamedSharding(mesh, P("b"))``. Same numbers; NOT the default because on this
   jaxlib (0.10.2, XLA:CPU, 2 fake devices on 2 cores) SPMD programs that mix LAPACK custom calls
   (Cholesky, eigvalsh, sytrd) intermittently hung (all threads idle, one device's execution never
-  completing), both with shard_map and with jit + NamedSharding; per-device dispatch never did.
+  completing), both with shard_map and with jit + NamedSharding; concurrent per-device
+  dispatch hung too, rarely; sequential per-device dispatch on CPU has not.
 
 Multi-host: call ``jax.distributed.initialize()`` on every host, then make the same
 ``base_cache``/``diagnose`` call with the same inputs on every host. With ``per_device`` each
@@ -181,17 +184,24 @@ def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
 
 
 def _stack(flat: Mapping[str, Any], bucket: Bucket, n_pad: int, what: str) -> np.ndarray:
-    """Host-side ``[n_pad, m, n]`` float32 stack of a bucket's (tall) matrices, zero padded."""
+    """Host-side ``[n_pad, m, n]`` float32 stack of a bucket's (tall) matrices, zero padded.
+
+    Dense kernels are taken in their stored Flax layout ``[in, out]`` (the torch matrix
+    transposed) whenever that is already tall or square: e and c are invariant under transposing
+    A and D together, and skipping the transpose makes the copy a plain memcpy.
+    """
     m, n = bucket.shape
     out = np.zeros((n_pad, m, n), np.float32)
-    views: dict[str, np.ndarray] = {}
+    native: dict[str, np.ndarray] = {}
     for i, ref in enumerate(bucket.members):
         if ref.path not in flat:
             raise ValueError(f"{what}: parameter {ref.path!r} is missing")
-        if ref.path not in views:
-            views[ref.path] = ltree.to_matrix(ref.path, np.asarray(flat[ref.path]))
-        mat = views[ref.path] if ref.block is None else views[ref.path][ref.block]
-        out[i] = mat.T if ref.transposed else mat
+        if ref.path not in native:
+            leaf = np.asarray(flat[ref.path], np.float32)
+            kind = ltree.leaf_kind(ref.path, ltree.unstacked_ndim(ref.path, leaf.shape))
+            native[ref.path] = leaf if kind == "dense" else ltree.to_matrix(ref.path, leaf)
+        mat = native[ref.path] if ref.block is None else native[ref.path][ref.block]
+        out[i] = mat if mat.shape[0] >= mat.shape[1] else mat.T
     return out
 
 
