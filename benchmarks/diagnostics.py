@@ -62,26 +62,30 @@ def make_weights(preset: str, seed: int = 0, rank: int = 16, noise: float = 0.1)
 
 
 def flops(plan, mode: str) -> float:
-    """Analytic flop count of the engine's algorithm (per diagnose call, base cache excluded)."""
+    """Analytic flop count of the engine's algorithm (per diagnose call, base cache excluded).
+
+    One shifted Cholesky-QR pass on ``rows x k'`` costs ``4 rows k'^2 + k'^3`` (Gram, Cholesky,
+    triangular inverse, product); the range finder does ``q`` (matrix: ``2q``) one-pass
+    re-orthonormalisations and a three-pass orthonormalisation at the end.
+    """
     total = 0.0
     for b in plan:
         m, n = b.shape
         kk = min(K_ + P_, n)
-        steps = max(1, math.ceil(math.log2(kk))) + 1
-        orth = lambda rows, kk=kk, steps=steps: 3 * (4 * rows * kk * kk + steps * 4 * kk**3)  # noqa: E731
+        passes = lambda rows, count, kk=kk: count * (4 * rows * kk * kk + kk**3)  # noqa: E731
         if b.square:
             f = 4 * n**3                                    # A D and D A
             if mode == "exact":
                 f += 2 * n**3 + 4 / 3 * n**3                # G_D, sytrd
             else:
-                f += (2 + 4 * Q_ + 2) * n * n * kk + 2 * kk * kk * n  # range finder + Q^T A
-                f += (1 + 2 * Q_) * orth(n)
+                f += (2 + 4 * Q_ + 2) * n * n * kk + 2 * kk * kk * n  # range finder, Q^T A, B B^T
+                f += passes(n, 2 * Q_ + 3)
         else:
             f = 4 * m * n * n                               # G_D = D^T D and Y = A^T D
             if mode == "exact":
                 f += 4 / 3 * n**3
             else:
-                f += (1 + Q_ + 1) * 2 * n * n * kk + 2 * n * kk * kk + (1 + Q_) * orth(n)
+                f += (1 + Q_ + 1) * 2 * n * n * kk + 2 * n * kk * kk + passes(n, Q_ + 3)
         total += f * len(b.members)
     return total
 

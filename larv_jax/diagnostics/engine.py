@@ -60,7 +60,8 @@ class MatrixRef(NamedTuple):
     unit: int  # index into the unit list
     path: str
     block: int | None
-    transposed: bool  # the torch-layout matrix was wide and is stored transposed (tall)
+    transposed: bool  # the torch-layout matrix is wide (the bucket shape is its transpose)
+    stored_wide: bool = False  # the matrix as read from the leaf (no copy-transpose) is wide
 
 
 class Bucket(NamedTuple):
@@ -76,12 +77,25 @@ class Bucket(NamedTuple):
 
 def matrix_shape(path: str, shape: Sequence[int]) -> tuple[int, int]:
     """Torch-layout ``(out, in)`` of one matrix of a leaf (block axis dropped)."""
-    abstract = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    return _matrix_shape(path, tuple(int(x) for x in shape))
+
+
+@functools.lru_cache(maxsize=4096)
+def _matrix_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    abstract = jax.ShapeDtypeStruct(shape, jnp.float32)
     out = jax.eval_shape(lambda x: ltree.to_matrix(path, x), abstract).shape
     out = out[1:] if ltree.is_stacked(path) else out
     if len(out) != 2:
         raise ValueError(f"{path!r} with shape {tuple(shape)} is not a matrix")
     return int(out[0]), int(out[1])
+
+
+def _stored_wide(path: str, shape: Sequence[int], m: int, n: int) -> bool:
+    """Whether the matrix as :func:`_stack` reads it is wide: dense kernels are read in their
+    Flax layout ``[in, out]`` (the torch ``[out, in]`` transposed), other leaves via
+    :func:`larv_jax.tree.to_matrix` (torch layout)."""
+    kind = ltree.leaf_kind(path, ltree.unstacked_ndim(path, shape))
+    return n < m if kind == "dense" else m < n
 
 
 def plan_buckets(unit_list: Sequence[Unit], shapes: Mapping[str, Sequence[int]]
@@ -95,7 +109,7 @@ def plan_buckets(unit_list: Sequence[Unit], shapes: Mapping[str, Sequence[int]]
                 raise ValueError(f"parameter {path!r} of unit {u.name!r} is missing")
             m, n = matrix_shape(path, shapes[path])
             groups.setdefault((max(m, n), min(m, n)), []).append(
-                MatrixRef(i, path, block, m < n))
+                MatrixRef(i, path, block, m < n, _stored_wide(path, shapes[path], m, n)))
     return tuple(Bucket(s, tuple(refs)) for s, refs in groups.items())
 
 
@@ -105,7 +119,11 @@ class BaseCache(NamedTuple):
     Per bucket (tuples aligned with ``plan``; host numpy arrays, so one cache serves any device
     count): ``reff`` [N] r_eff(theta0) (exact by default), ``norm`` [N] ||theta0||_F, ``gram``
     [N, n, n] = A^T A of the tall view (None for square buckets, whose Eq. 6 commutator does not
-    use it). ``plan`` and ``mode`` are static metadata.
+    use it), and ``stack``, the bucket's theta0 matrices themselves (as read: the tall ones
+    ``[N_t, m, n]`` and the wide ones ``[N_w, n, m]``, see ``_Layout``), so that
+    :func:`diagnose` does not gather them again for every merge (the cache therefore holds one
+    float32 copy of the units' matrices: 0.35 GB for ViT-B/32, 1.2 GB for ViT-L/14).
+    ``plan`` and ``mode`` are static metadata.
     """
 
     plan: tuple[Bucket, ...]
@@ -113,6 +131,7 @@ class BaseCache(NamedTuple):
     norm: tuple[np.ndarray, ...]
     gram: tuple[np.ndarray | None, ...]
     mode: str
+    stack: tuple[tuple[np.ndarray, np.ndarray], ...]
 
 
 EXECUTIONS = ("per_device", "spmd")
@@ -140,29 +159,74 @@ def _placement(devices: Sequence[jax.Device] | None, execution: str) -> _Placeme
     return _Placement(devs, execution, None)
 
 
-def _padded(n: int, place: _Placement) -> int:
-    d = place.size
+class _Layout(NamedTuple):
+    """How one bucket is laid out over ``n_dev`` devices (processes x local devices).
+
+    Matrices are never copy-transposed: those read tall (``m x n``) go to the ``tall`` part,
+    those read wide (``n x m``, e.g. ``mlp/c_fc`` in the Flax layout, the patch conv) to the
+    ``wide`` part, and the kernels contract each part along its long axis, so both give the same
+    ``n x n`` Grams. Every device gets ``ct`` tall and ``cw`` wide slots (zero padded); per-matrix
+    arrays are in *slot* order: device 0's tall slots, its wide slots, device 1's, ...
+    """
+
+    tall: tuple[int, ...]  # member indices read tall, in bucket order
+    wide: tuple[int, ...]  # member indices read wide
+    ct: int
+    cw: int
+    slots: np.ndarray  # [n_dev * (ct + cw)] member index per slot, -1 for padding
+
+
+def _layout(bucket: Bucket, n_dev: int) -> _Layout:
+    tall = tuple(i for i, r in enumerate(bucket.members) if not r.stored_wide)
+    wide = tuple(i for i, r in enumerate(bucket.members) if r.stored_wide)
+    ct, cw = math.ceil(len(tall) / n_dev), math.ceil(len(wide) / n_dev)
+    slots: list[int] = []
+    for dv in range(n_dev):
+        for part, c in ((tall, ct), (wide, cw)):
+            chunk = list(part[dv * c:(dv + 1) * c])
+            slots += chunk + [-1] * (c - len(chunk))
+    return _Layout(tall, wide, ct, cw, np.asarray(slots, np.int64))
+
+
+def _n_dev(place: _Placement) -> int:
     if place.execution == "per_device":
-        d *= jax.process_count()
-    return max(1, math.ceil(n / d)) * d
+        return place.size * jax.process_count()
+    return place.size
 
 
-def _process_slice(n_pad: int, place: _Placement) -> slice:
-    if place.execution == "spmd" or jax.process_count() == 1:
-        return slice(0, n_pad)
-    per = n_pad // jax.process_count()
-    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+def _to_slots(x: np.ndarray, lay: _Layout) -> np.ndarray:
+    """Member-order ``x`` [N, ...] to slot order (zeros in padding slots)."""
+    if len(lay.slots) == x.shape[0] and (lay.slots == np.arange(x.shape[0])).all():
+        return x
+    out = (_aligned_empty((len(lay.slots),) + x.shape[1:]) if x.dtype == np.float32
+           else np.empty((len(lay.slots),) + x.shape[1:], x.dtype))
+    real = lay.slots >= 0
+    out[~real] = 0
+    out[real] = x[lay.slots[real]]
+    return out
+
+
+def _from_slots(x: np.ndarray, lay: _Layout) -> np.ndarray:
+    if len(lay.slots) == x.shape[0] and (lay.slots == np.arange(x.shape[0])).all():
+        return x
+    real = lay.slots >= 0
+    out = np.empty((len(lay.tall) + len(lay.wide),) + x.shape[1:], x.dtype)
+    out[lay.slots[real]] = x[real]
+    return out
 
 
 def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
-    """Run ``fn`` (vmapped over axis 0 of every arg) on this process's slice; host results."""
+    """Run ``fn`` on this process's share; host results in slot order.
+
+    Every arg is split along axis 0 into ``n_dev`` equal chunks (each arg's own chunk size:
+    ``[tall stacks, wide stacks, per-matrix arrays]`` have different lengths).
+    """
     if place.execution == "spmd":
         sharding = NamedSharding(place.mesh, P("b"))
         out = fn(*[jax.device_put(a, sharding) for a in args])
         return jax.tree.map(_fetch, out)
-    n_pad = args[0].shape[0]
-    sl = _process_slice(n_pad, place)
-    chunk = (sl.stop - sl.start) // place.size
+    n_dev = _n_dev(place)
+    first_dev = jax.process_index() * place.size if jax.process_count() > 1 else 0
     outs = []
     # Accelerators: async dispatch, the devices run concurrently. Host (CPU) "devices" share the
     # same cores, so concurrency buys nothing there, and concurrent LAPACK-backed executables on
@@ -170,8 +234,12 @@ def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
     # run them one after the other.
     serial = all(d.platform == "cpu" for d in place.devices)
     for i, dev in enumerate(place.devices):
-        lo = sl.start + i * chunk
-        outs.append(fn(*[jax.device_put(a[lo:lo + chunk], dev) for a in args]))
+        dv = first_dev + i
+        chunk_args = []
+        for a in args:
+            c = a.shape[0] // n_dev
+            chunk_args.append(jax.device_put(a[dv * c:(dv + 1) * c], dev))
+        outs.append(fn(*chunk_args))
         if serial:
             jax.block_until_ready(outs[-1])
     local = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
@@ -183,34 +251,69 @@ def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
     return local
 
 
-def _stack(flat: Mapping[str, Any], bucket: Bucket, n_pad: int, what: str) -> np.ndarray:
-    """Host-side ``[n_pad, m, n]`` float32 stack of a bucket's (tall) matrices, zero padded.
+_ALIGN = 64  # XLA:CPU uses host buffers in place (no copy) when they are 64-byte aligned
 
-    Dense kernels are taken in their stored Flax layout ``[in, out]`` (the torch matrix
-    transposed) whenever that is already tall or square: e and c are invariant under transposing
-    A and D together, and skipping the transpose makes the copy a plain memcpy.
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """Uninitialised float32 array whose data is 64-byte aligned (zero-copy ``device_put``)."""
+    nbytes = int(np.prod(shape)) * 4
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN
+    return raw[off:off + nbytes].view(np.float32).reshape(shape)
+
+
+def _stack(flat: Mapping[str, Any], bucket: Bucket, members: Sequence[int], n_rows: int,
+           wide: bool, what: str) -> Any:
+    """``[n_rows, m, n]`` (``[n_rows, n, m]`` if ``wide``) float32 stack of the given members,
+    zero padded at the end, without transposing anything.
+
+    Dense kernels are read in their stored Flax layout ``[in, out]`` (the torch matrix
+    transposed): e and c are invariant under transposing A and D together. On the host the
+    result is 64-byte aligned, so handing it to a CPU device copies nothing; leaves that live on
+    an accelerator are stacked there.
     """
     m, n = bucket.shape
-    out = np.zeros((n_pad, m, n), np.float32)
-    native: dict[str, np.ndarray] = {}
-    for i, ref in enumerate(bucket.members):
-        if ref.path not in flat:
-            raise ValueError(f"{what}: parameter {ref.path!r} is missing")
+    shape = (n, m) if wide else (m, n)
+    for i in members:
+        if bucket.members[i].path not in flat:
+            raise ValueError(f"{what}: parameter {bucket.members[i].path!r} is missing")
+    on_accel = any(isinstance(flat[bucket.members[i].path], jax.Array)
+                   and flat[bucket.members[i].path].devices().pop().platform != "cpu"
+                   for i in members)
+    xp = jnp if on_accel else np
+    native: dict[str, Any] = {}
+
+    def matrix(ref: MatrixRef):
         if ref.path not in native:
-            leaf = np.asarray(flat[ref.path], np.float32)
+            leaf = xp.asarray(flat[ref.path], xp.float32)
             kind = ltree.leaf_kind(ref.path, ltree.unstacked_ndim(ref.path, leaf.shape))
             native[ref.path] = leaf if kind == "dense" else ltree.to_matrix(ref.path, leaf)
         mat = native[ref.path] if ref.block is None else native[ref.path][ref.block]
-        out[i] = mat if mat.shape[0] >= mat.shape[1] else mat.T
+        if tuple(mat.shape) != shape:
+            raise ValueError(f"{what}: parameter {_where(ref)} reads as {tuple(mat.shape)}, "
+                             f"expected {shape}")
+        return mat
+
+    if on_accel:
+        mats = [matrix(bucket.members[i]) for i in members]
+        mats += [jnp.zeros(shape, jnp.float32)] * (n_rows - len(mats))
+        return jnp.stack(mats) if mats else jnp.zeros((0, *shape), jnp.float32)
+    out = _aligned_empty((n_rows, *shape))
+    out[len(members):] = 0.0
+    for j, i in enumerate(members):
+        out[j] = matrix(bucket.members[i])
     return out
 
 
-def _check_finite(x: np.ndarray, bucket: Bucket, what: str) -> None:
-    bad = ~np.isfinite(x[: len(bucket.members)]).all(axis=(1, 2))
+def _check_finite(x: np.ndarray, refs: Sequence[MatrixRef], what: str) -> None:
+    bad = ~np.isfinite(x[: len(refs)]).all(axis=(1, 2))
     if bad.any():
-        ref = bucket.members[int(np.argmax(bad))]
-        where = ref.path if ref.block is None else f"{ref.path}[block {ref.block}]"
-        raise ValueError(f"{what}: parameter {where} has non-finite values")
+        raise ValueError(f"{what}: parameter {_where(refs[int(np.argmax(bad))])} has "
+                         "non-finite values")
+
+
+def _where(ref: MatrixRef) -> str:
+    return ref.path if ref.block is None else f"{ref.path}[block {ref.block}]"
 
 
 def _fetch(x: jax.Array) -> np.ndarray:
@@ -221,12 +324,30 @@ def _fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def _keys(key: jax.Array, bucket_index: int, n_pad: int) -> jax.Array:
-    """Per-matrix raw keys ``fold_in(fold_in(key, bucket), i)``: independent of the padding."""
+def _keys(key: jax.Array, bucket_index: int, lay: _Layout) -> np.ndarray:
+    """Raw keys in slot order: member i gets ``fold_in(fold_in(key, bucket), i)``, independent
+    of the device count and padding (padding slots get keys no member uses)."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     kb = jax.random.fold_in(key, bucket_index)
-    return jax.vmap(jax.random.fold_in, (None, 0))(kb, jnp.arange(n_pad, dtype=jnp.uint32))
+    n_real = len(lay.tall) + len(lay.wide)
+    ids = np.where(lay.slots >= 0, lay.slots, n_real + np.arange(len(lay.slots)))
+    return np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(kb, jnp.asarray(ids, jnp.uint32)))
+
+
+def _products(x_t: jax.Array, y_t: jax.Array, x_w: jax.Array, y_w: jax.Array) -> jax.Array:
+    """``[ct + cw, n, n]``: ``X^T Y`` of the tall part, then ``X Y^T`` of the wide part (the same
+    n x n product of the tall view, contracted along the long axis without a transpose)."""
+    parts = []
+    if x_t.shape[0]:
+        parts.append(jnp.einsum("bmi,bmj->bij", x_t, y_t))
+    if x_w.shape[0]:
+        parts.append(jnp.einsum("bim,bjm->bij", x_w, y_w))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _norms(x_t: jax.Array, x_w: jax.Array) -> jax.Array:
+    return jnp.concatenate([jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2))) for x in (x_t, x_w)])
 
 
 def _entropy(a: jax.Array, g: jax.Array, key: jax.Array, mode: str, k: int, p: int, q: int):
@@ -241,14 +362,11 @@ def _entropy(a: jax.Array, g: jax.Array, key: jax.Array, mode: str, k: int, p: i
 
 @functools.cache
 def _base_fn(mesh: Mesh | None, square: bool, mode: str, k: int, p: int, q: int) -> Callable:
-    def one(a, key):
-        g = a.T @ a
-        reff = jnp.exp(_entropy(a, g, key, mode, k, p, q))
-        return reff, jnp.linalg.norm(a), (None if square else g)
-
-    def local(a, keys):
+    def local(a_t, a_w, keys):
         TRACES["base"] += 1
-        return jax.vmap(one)(a, keys)
+        g = _products(a_t, a_t, a_w, a_w)
+        reff = jax.vmap(lambda g, key: jnp.exp(_entropy(None, g, key, mode, k, p, q)))(g, keys)
+        return reff, _norms(a_t, a_w), (None if square else g)
 
     return _compile(local, mesh)
 
@@ -256,27 +374,34 @@ def _base_fn(mesh: Mesh | None, square: bool, mode: str, k: int, p: int, q: int)
 @functools.cache
 def _diag_fn(mesh: Mesh | None, square: bool, mode: str, k: int, p: int, q: int, eps: float,
              zero_rtol: float) -> Callable:
-    def one(a, d, key, reff_a, norm_a, g_a):
-        norm_d = jnp.linalg.norm(d)
-        if square:
-            c = K.square_commutator(a, d, eps=eps)
-            g_d = d.T @ d if mode == "exact" else None
-        else:
-            g_d = d.T @ d
-            c = K.gram_commutator_from_grams(g_a, g_d, a.T @ d, norm_a, norm_d, eps=eps)
+    def finish(c, g_d, d, key, reff_a, norm_a, norm_d):
         reff_d = jnp.exp(_entropy(d, g_d, key, mode, k, p, q))
         e = K.contrast(reff_a, reff_d, norm_a, norm_d, eps=eps, zero_rtol=zero_rtol)
         return {"e": e, "c": c, "reff_delta": reff_d, "norm_delta": norm_d}
 
-    def local(a, d, keys, reff_a, norm_a, g_a=None):
-        TRACES["diagnose"] += 1
-        return jax.vmap(one)(a, d, keys, reff_a, norm_a, g_a)
+    def square_one(a, d, key, reff_a, norm_a):
+        # Square matrices are read as stored ([in, out] = the torch matrix transposed): the Eq. 6
+        # numerator only changes sign, the spectrum not at all.
+        c = K.square_commutator(a, d, eps=eps)
+        g_d = d.T @ d if mode == "exact" else None
+        return finish(c, g_d, d, key, reff_a, norm_a, jnp.linalg.norm(d))
 
-    if square:
-        fn = lambda a, d, keys, reff_a, norm_a: local(a, d, keys, reff_a, norm_a)  # noqa: E731
-    else:
-        fn = local
-    return _compile(fn, mesh)
+    def rect_one(g_a, g_d, y, key, reff_a, norm_a, norm_d):
+        c = K.gram_commutator_from_grams(g_a, g_d, y, norm_a, norm_d, eps=eps)
+        return finish(c, g_d, None, key, reff_a, norm_a, norm_d)
+
+    def local_square(a_t, a_w, d_t, d_w, keys, reff_a, norm_a):
+        TRACES["diagnose"] += 1
+        del a_w, d_w  # a square matrix is never wide
+        return jax.vmap(square_one)(a_t, d_t, keys, reff_a, norm_a)
+
+    def local_rect(a_t, a_w, d_t, d_w, keys, reff_a, norm_a, g_a):
+        TRACES["diagnose"] += 1
+        g_d = _products(d_t, d_t, d_w, d_w)
+        y = _products(a_t, d_t, a_w, d_w)
+        return jax.vmap(rect_one)(g_a, g_d, y, keys, reff_a, norm_a, _norms(d_t, d_w))
+
+    return _compile(local_square if square else local_rect, mesh)
 
 
 def _compile(fn: Callable, mesh: Mesh | None) -> Callable:
@@ -312,24 +437,31 @@ def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode:
     shapes = {p_: np.shape(v) for p_, v in base_flat.items()}
     plan = plan_buckets(unit_list, shapes)
     place = _placement(devices, execution)
-    reffs, norms, grams = [], [], []
+    reffs, norms, grams, stacks = [], [], [], []
     for bi, bucket in enumerate(plan):
-        n_real = len(bucket.members)
-        n_pad = _padded(n_real, place)
-        a = _stack(base_flat, bucket, n_pad, "base")
-        _check_finite(a, bucket, "base")
+        lay = _layout(bucket, _n_dev(place))
+        parts = []
+        for members, wide in ((lay.tall, False), (lay.wide, True)):
+            x = np.asarray(_stack(base_flat, bucket, members, len(members), wide, "base"))
+            _check_finite(x, [bucket.members[i] for i in members], "base")
+            parts.append(x)
         fn = _base_fn(place.mesh, bucket.square, mode, k, p, q)
-        reff, norm, g = _run(fn, [a, np.asarray(_keys(key, bi, n_pad))], place)
-        reffs.append(reff[:n_real])
-        norms.append(norm[:n_real])
-        grams.append(None if g is None else g[:n_real])
-    return BaseCache(plan, tuple(reffs), tuple(norms), tuple(grams), mode)
+        n_dev = _n_dev(place)
+        reff, norm, g = _run(fn, [_pad(parts[0], n_dev * lay.ct), _pad(parts[1], n_dev * lay.cw),
+                                  _keys(key, bi, lay)], place)
+        reffs.append(_from_slots(reff, lay))
+        norms.append(_from_slots(norm, lay))
+        grams.append(None if g is None else _from_slots(g, lay))
+        stacks.append(tuple(parts))
+    return BaseCache(plan, tuple(reffs), tuple(norms), tuple(grams), mode, tuple(stacks))
 
 
 def _pad(x: np.ndarray, n_pad: int) -> np.ndarray:
     if x.shape[0] == n_pad:
         return x
-    out = np.zeros((n_pad,) + x.shape[1:], x.dtype)
+    out = (_aligned_empty((n_pad,) + x.shape[1:]) if x.dtype == np.float32
+           else np.empty((n_pad,) + x.shape[1:], x.dtype))
+    out[x.shape[0]:] = 0
     out[: x.shape[0]] = x
     return out
 
@@ -382,19 +514,24 @@ def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
     elif cache.plan != plan:
         raise ValueError("BaseCache was computed for different units or parameter shapes")
     results = []
+    n_dev = _n_dev(place)
     for bi, bucket in enumerate(plan):
-        n_real = len(bucket.members)
-        n_pad = _padded(n_real, place)
-        a = _stack(base_flat, bucket, n_pad, "base")
-        d = _stack(delta_flat, bucket, n_pad, "update")
-        _check_finite(d, bucket, "update")
+        lay = _layout(bucket, n_dev)
+        a_t, a_w = (_pad(x, n_dev * c) for x, c in zip(cache.stack[bi], (lay.ct, lay.cw), strict=True))
+        d_t = _stack(delta_flat, bucket, lay.tall, n_dev * lay.ct, False, "update")
+        d_w = _stack(delta_flat, bucket, lay.wide, n_dev * lay.cw, True, "update")
         fn = _diag_fn(place.mesh, bucket.square, mode, k, p, q, float(eps), float(zero_rtol))
-        args = [a, d, np.asarray(_keys(key, bi, n_pad)), _pad(cache.reff[bi], n_pad),
-                _pad(cache.norm[bi], n_pad)]
+        args = [a_t, a_w, d_t, d_w, _keys(key, bi, lay), _to_slots(cache.reff[bi], lay),
+                _to_slots(cache.norm[bi], lay)]
         if not bucket.square:
-            args.append(_pad(cache.gram[bi], n_pad))
-        out = _run(fn, args, place)
-        out = {name: v[:n_real] for name, v in out.items()}
+            args.append(_to_slots(cache.gram[bi], lay))
+        out = {name: _from_slots(v, lay) for name, v in _run(fn, args, place).items()}
+        if not np.isfinite(out["norm_delta"]).all():  # NaN/Inf reach ||D||_F: name the culprit
+            for members, x in ((lay.tall, d_t), (lay.wide, d_w)):
+                _check_finite(np.asarray(x), [bucket.members[i] for i in members], "update")
+            i = int(np.argmin(np.isfinite(out["norm_delta"])))
+            raise ValueError(f"update: the Frobenius norm of {_where(bucket.members[i])} "
+                             "overflows float32")
         out["reff_base"] = cache.reff[bi]
         out["norm_base"] = cache.norm[bi]
         results.append(out)
