@@ -16,6 +16,7 @@ Every expected key must be present and every present key used: a missing or unex
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from larv_jax import tree
+from larv_jax.arrays import copy_into, swapped_buffer
 from larv_jax.checkpoint import table
-from larv_jax.checkpoint.sources import DictSource, SafetensorsSource, load_torch_file
+from larv_jax.checkpoint.sources import DictSource, SafetensorsSource, load_torch_file, write_safetensors
 from larv_jax.io import atomic_path
 from larv_jax.models import config as cfgmod
 from larv_jax.models.config import CLIPConfig, TextConfig, VisionConfig
@@ -88,11 +90,22 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return self.source.files
 
-    def leaf(self, path: str, block: int | None = None) -> np.ndarray:
+    def stores_transposed(self, path: str) -> bool:
+        """Whether the source stores this leaf's matrices transposed (HF / OpenAI dense kernels
+        are ``[out, in]``, the Flax leaf ``[in, out]``)."""
+        return all(t == "T" for _, t in self._index[path])
+
+    def leaf(self, path: str, block: int | None = None, out: np.ndarray | None = None, *,
+             native: bool = False) -> np.ndarray:
         """One Flax leaf as float32 (stacked leaves gathered from their B source tensors).
 
         ``block`` reads one slice ``[block]`` of a stacked leaf only (for engines that hold K
-        copies of one block rather than of the whole stack)."""
+        copies of one block rather than of the whole stack). ``out``: a float32 array of the
+        leaf's shape to read into (returned), instead of a fresh one; any memory order.
+        ``native``: when the source stores the leaf transposed (:meth:`stores_transposed`),
+        return the Flax-shaped transposed view of a buffer in the source's order (reading is
+        then a plain copy; numpy keeps that order through elementwise work and the Hugging Face
+        export reads it back without a transpose). Values are the same either way."""
         try:
             parts = self._index[path]
         except KeyError:
@@ -103,20 +116,33 @@ class Checkpoint:
             if not 0 <= block < len(parts):
                 raise ValueError(f"{self.origin}: block {block} out of range for {path!r} "
                                  f"({len(parts)} blocks)")
-            return self._convert(*parts[block])
-        if not tree.is_stacked(path):
-            return self._convert(*parts[0])
-        first = self._convert(*parts[0])
-        out = np.empty((len(parts), *first.shape), np.float32)
-        out[0] = first
-        for i, (key, t) in enumerate(parts[1:], start=1):
-            out[i] = self._convert(key, t)
+            parts = parts[block:block + 1]
+        stacked = tree.is_stacked(path) and block is None
+        shape = self._expected[path]
+        shape = shape if stacked else shape[1:] if tree.is_stacked(path) else shape
+        if out is None:
+            out = (swapped_buffer(shape) if native and self.stores_transposed(path)
+                   else np.empty(shape, np.float32))
+        elif out.shape != tuple(shape) or out.dtype != np.float32:
+            raise ValueError(f"leaf({path!r}): out has {out.shape} {out.dtype}; expected "
+                             f"{tuple(shape)} float32")
+        direct = getattr(self.source, "read_into", None)
+        for i, (key, t) in enumerate(parts):
+            dest = out[i] if stacked else out
+            # float32 tensors whose destination is their own memory layout: read in place
+            view = dest if t == "id" else dest.T if t == "T" and dest.ndim == 2 else None
+            if direct is not None and view is not None and direct(key, view):
+                continue
+            self._convert(key, t, dest)
         return out
 
-    def _convert(self, key: str, transform: str) -> np.ndarray:
-        """Read one source tensor and convert it with a single (contiguous) float32 copy."""
-        x = table.to_flax(np.asarray(self.source.get(key)), transform)
-        return np.array(x, dtype=np.float32, order="C")
+    def _convert(self, key: str, transform: str, out: np.ndarray) -> None:
+        """Read one source tensor and convert it into ``out`` with one float32 copy."""
+        x = table.to_flax(np.asarray(self.source.get(key, scratch=True)), transform)
+        if x.shape != out.shape:
+            raise ValueError(f"{self.origin}: tensor {key!r} converts to shape {x.shape}; "
+                             f"expected {out.shape}")
+        copy_into(out, x)
 
     def flat(self) -> dict[str, np.ndarray]:
         return {p: self.leaf(p) for p in self.paths()}
@@ -127,9 +153,7 @@ class Checkpoint:
     # -- construction ---------------------------------------------------------------------------
     @cached_property
     def _expected(self) -> dict[str, tuple[int, ...]]:
-        from larv_jax.models.clip import abstract_params
-
-        return {p: tuple(s.shape) for p, s in tree.flatten(abstract_params(self.config)).items()}
+        return dict(_leaf_shapes(self.config))
 
     def _build_index(self, rows, keys: set[str], ignored) -> dict[str, list[tuple[str, str]]]:
         expected = self._expected
@@ -262,14 +286,33 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
     return Checkpoint(source, config, path)
 
 
+def _contiguous(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """``x`` as a C-contiguous ``dtype`` array: itself when it already is one (a leaf read with
+    ``native=True`` exports without a copy), else one fast copy."""
+    x = np.asarray(x)
+    if x.flags.c_contiguous and x.dtype == np.dtype(dtype):
+        return x
+    return copy_into(np.empty(x.shape, dtype), x)
+
+
+@functools.lru_cache(maxsize=16)
+def _leaf_shapes(config: CLIPConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Flax leaf shapes of a config (an abstract ``init``: ~0.1 s, done once per config)."""
+    from larv_jax.models.clip import abstract_params
+
+    return tuple((p, tuple(s.shape)) for p, s in tree.flatten(abstract_params(config)).items())
+
+
 def load_params(path: str | Path, **kw) -> tuple[CLIPConfig, dict[str, Any]]:
     """Read a whole checkpoint: ``(config, params)`` with numpy float32 leaves."""
     ckpt = load_checkpoint(path, **kw)
     return ckpt.config, ckpt.params()
 
 
-def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
-    """Flax params (nested or flat) -> Hugging Face state dict (``vision_model.`` prefixed)."""
+def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig, dtype: Any = np.float32
+                     ) -> dict[str, np.ndarray]:
+    """Flax params (nested or flat) -> Hugging Face state dict (``vision_model.`` prefixed),
+    C-contiguous ``dtype`` arrays."""
     flat = params if all("/" in k or k == "logit_scale" for k in params) and not any(
         isinstance(v, Mapping) for v in params.values()) else tree.flatten(params)
     rows = table.hf_rows(vision_prefix="vision_model.", has_text=config.has_text,
@@ -283,9 +326,9 @@ def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig) -> dict[str,
         used.add(path)
         if "{i}" in src:
             for i in range(leaf.shape[0]):
-                out[src.format(i=i)] = np.array(table.from_flax(leaf[i], t), order="C")
+                out[src.format(i=i)] = _contiguous(table.from_flax(leaf[i], t), dtype)
         else:
-            out[src] = np.array(table.from_flax(leaf, t), order="C")
+            out[src] = _contiguous(table.from_flax(leaf, t), dtype)
     extra = sorted(set(flat) - used)
     if extra:
         raise ValueError(f"params have leaves with no Hugging Face name: {extra[:5]}")
@@ -301,11 +344,9 @@ def save_hf(params: Mapping[str, Any], config: CLIPConfig, out_dir: str | Path, 
     ``config.vision_only()`` for a ``CLIPVisionModel``). ``extra_files`` (name -> content) are
     written alongside, e.g. ``tokenizer.json`` or a merge report.
     """
-    from safetensors.numpy import save_file
-
-    sd = {k: v.astype(dtype) for k, v in to_hf_state_dict(params, config).items()}
+    sd = to_hf_state_dict(params, config, dtype)
     with atomic_path(out_dir, overwrite=overwrite, is_dir=True) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", sd, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfgmod.to_hf_dict(config), indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,15 +50,39 @@ class SafetensorsSource:
     def dtype(self, key: str) -> str:
         return self._entries[key][3].name
 
-    def get(self, key: str) -> np.ndarray:
+    def get(self, key: str, scratch: bool = False) -> np.ndarray:
+        """One tensor. ``scratch=True`` reads into this thread's reusable buffer: the result is
+        only valid until the next ``scratch`` read (for callers that convert it at once; fresh
+        pages cost more than the read itself on this kind of VM)."""
         f, offset, shape, dtype = self._entries[key]
         n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        buf = bytearray(n)
+        buf = self._scratch(n) if scratch else np.empty(n, np.uint8)
         with open(f, "rb") as fh:
             fh.seek(offset)
             if fh.readinto(buf) != n:
                 raise ValueError(f"{f}: truncated while reading tensor {key!r}")
-        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+        return buf.view(dtype).reshape(shape)
+
+    def read_into(self, key: str, out: np.ndarray) -> bool:
+        """Read tensor ``key`` straight into ``out`` (C-contiguous, the tensor's shape and
+        dtype): one kernel copy, no user-space one. False (nothing read) when it does not fit."""
+        f, offset, shape, dtype = self._entries[key]
+        if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous \
+                or not out.flags.writeable:
+            return False
+        n = out.nbytes
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            if n and fh.readinto(memoryview(out.reshape(-1)).cast("B")) != n:
+                raise ValueError(f"{f}: truncated while reading tensor {key!r}")
+        return True
+
+    def _scratch(self, n: int) -> np.ndarray:
+        local = self.__dict__.setdefault("_local", threading.local())
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.size < n:
+            buf = local.buf = np.empty(max(n, 1 << 20), np.uint8)
+        return buf[:n]
 
 
 def _read_header(file: Path) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
@@ -113,7 +138,8 @@ class DictSource:
     def dtype(self, key: str) -> str:
         return self._t[key].dtype.name
 
-    def get(self, key: str) -> np.ndarray:
+    def get(self, key: str, scratch: bool = False) -> np.ndarray:
+        del scratch  # already in memory
         return self._t[key]
 
 
@@ -162,3 +188,45 @@ def _strip_common_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     return tensors
+
+
+_NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+             "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+             "bool": "BOOL"}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (C-contiguous numpy arrays) as a ``.safetensors`` file, streaming.
+
+    The format: an 8-byte little-endian header length, a JSON header (``dtype``, ``shape``,
+    ``data_offsets`` per tensor, optional ``__metadata__``) padded with spaces to a multiple of
+    8 bytes, then the raw little-endian data in header order. Unlike ``safetensors.numpy``'s
+    ``save_file``, nothing is copied into one big ``bytes`` object first.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    arrays = []
+    for key in sorted(tensors):
+        a = tensors[key]
+        if not a.flags.c_contiguous:
+            raise ValueError(f"tensor {key!r} is not C-contiguous")
+        name = _NP_TO_ST.get(a.dtype.name)
+        if name is None:
+            raise ValueError(f"tensor {key!r} has unsupported dtype {a.dtype}")
+        if a.dtype.byteorder == ">":
+            raise ValueError(f"tensor {key!r} is big-endian")
+        header[key] = {"dtype": name, "shape": list(a.shape),
+                       "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays:
+            if a.size:
+                f.write(memoryview(a.reshape(-1)).cast("B"))

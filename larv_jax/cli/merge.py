@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                                                       method=args.method, hparams=hparams)
     report["timings"]["larv_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    params = apply_delta(base, delta, scales=scales, consume=True)
+    params = apply_delta(base, delta, scales=scales, consume=True, inplace=True)
     report["timings"]["apply_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     text = json.dumps(report, indent=2) + "\n"

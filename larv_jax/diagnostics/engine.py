@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from larv_jax import tree as ltree
+from larv_jax.arrays import aligned_empty
 from larv_jax.diagnostics import kernels as K
 from larv_jax.diagnostics.record import Diagnostics, MatrixDiag
 from larv_jax.diagnostics.unit_rules import Unit
@@ -270,15 +271,8 @@ def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
     return local
 
 
-_ALIGN = 64  # XLA:CPU uses host buffers in place (no copy) when they are 64-byte aligned
-
-
 def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-    """Uninitialised float32 array whose data is 64-byte aligned (zero-copy ``device_put``)."""
-    nbytes = int(np.prod(shape)) * 4
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    off = (-raw.ctypes.data) % _ALIGN
-    return raw[off:off + nbytes].view(np.float32).reshape(shape)
+    return aligned_empty(shape, np.float32)
 
 
 def _stack(flat: Mapping[str, Any], bucket: Bucket, members: Sequence[int], n_rows: int,

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from larv_jax import tree
+from larv_jax.arrays import memory_order
 from larv_jax.merging import linalg
 
 Flat = dict[str, np.ndarray]
@@ -176,8 +177,9 @@ _CHUNK = 1 << 21          # entries per task per chunk: bounds the temporaries o
 
 
 def _chunks(t: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
-    """Column slices of ``t`` viewed as ``[K, n]``."""
-    flat = t.reshape(t.shape[0], -1)
+    """Column slices of ``t`` viewed as ``[K, n]`` in memory order (the entries' order does not
+    matter to TIES; a leaf whose last two axes are swapped in memory is not copied)."""
+    flat = memory_order(t)[0].reshape(t.shape[0], -1)
     for i in range(0, flat.shape[1], _CHUNK):
         sl = slice(i, min(i + _CHUNK, flat.shape[1]))
         yield sl, flat[:, sl]
@@ -258,19 +260,21 @@ def ties(task_vectors: Mapping[str, Any], *, scale: float = 0.3, keep: float = 0
     for path, t in _items(tv):
         if len(cuts) != t.shape[0]:
             raise ValueError(f"cuts has {len(cuts)} entries for K = {t.shape[0]} tasks")
-        merged = np.empty(t.shape[1:], np.float32)
-        out = merged.reshape(-1)
+        mem, swapped = memory_order(t)
+        merged_mem = np.empty(mem.shape[1:], np.float32)   # same memory order as the chunks
+        merged = merged_mem.swapaxes(-1, -2) if swapped else merged_mem
+        out = merged_mem.reshape(-1)
         for sl, ch in _chunks(t):
             m, e, tied = _ties_chunk(ch, cuts, aggregate)
             out[sl] = m
             elected += e
             if tied[0].size:
-                fixups.append((path, tied[0] + sl.start, tied[1], tied[2]))
+                fixups.append((out, tied[0] + sl.start, tied[1], tied[2]))
         delta[path] = merged
     majority = np.sign(elected)
-    for path, idx, p, n in fixups:
+    for flat_out, idx, p, n in fixups:
         if majority != 0:
-            delta[path].reshape(-1)[idx] = p if majority > 0 else n
+            flat_out[idx] = p if majority > 0 else n
     for path in delta:
         delta[path] = (np.float32(scale) * delta[path]).astype(np.float32)
     return _out(delta, nested)
