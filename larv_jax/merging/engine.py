@@ -15,6 +15,7 @@ The LARV veneer hooks in between the two steps of :func:`merge_checkpoints`:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import importlib.metadata
 import inspect
@@ -74,6 +75,9 @@ class TaskVectors(Mapping):
         self._checked: set[str] = set()
         self.reuse_buffers = reuse_buffers
         self._pool = np.empty(0, np.float32)
+        self._sum_scratch: dict[tuple[int, ...], np.ndarray] = {}
+        self._ahead: tuple[str, concurrent.futures.Future] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.paths)
@@ -111,6 +115,68 @@ class TaskVectors(Mapping):
         self._checked.add(path)
         self.read_s += time.perf_counter() - t0
         return out
+
+    def task_sum(self, path: str) -> np.ndarray:
+        """``sum_k tau_k`` of one leaf, float64, in the base leaf's memory order.
+
+        For the methods that only need the sum (Task Arithmetic, simple averaging, Iso-C): one
+        model leaf at a time goes through a reused scratch buffer into a float64 accumulator, so
+        no ``[K, ...]`` stack is built. When the methods walk the leaves in order, the next
+        leaf's sum is read in a background thread while the caller works on this one (reading
+        and numpy's kernels release the GIL); at most two sums are alive.
+        """
+        if self._ahead is not None and self._ahead[0] == path:
+            fut = self._ahead[1]
+            self._ahead = None
+        else:
+            fut = None
+        result = fut.result() if fut is not None else self._task_sum(path)
+        if path in self._path_set:
+            i = self.paths.index(path)
+            if i + 1 < len(self.paths):
+                nxt = self.paths[i + 1]
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        1, thread_name_prefix="larv-read-ahead")
+                self._ahead = (nxt, self._executor.submit(self._task_sum, nxt))
+        return result
+
+    def _task_sum(self, path: str) -> np.ndarray:
+        t0 = time.perf_counter()
+        check = path not in self._checked
+        b = _read(self.base, path, check, native=True)
+        acc = np.zeros_like(b, dtype=np.float64)          # keeps b's memory order
+        mem = b.swapaxes(-1, -2) if (b.ndim >= 2 and not b.flags.c_contiguous) else b
+        key = mem.shape
+        scratch = self._sum_scratch.get(key)
+        if scratch is None or not self.reuse_buffers:
+            scratch = np.empty(key, np.float32)
+            if self.reuse_buffers:
+                self._sum_scratch[key] = scratch
+        buf = scratch.swapaxes(-1, -2) if mem is not b else scratch
+        for m in self.models:
+            shape_k = tuple(m.shape(path)) if hasattr(m, "shape") else b.shape
+            if shape_k != b.shape:
+                raise ValueError(f"{_name(m)}: {path!r} has shape {shape_k}; the base "
+                                 f"{_name(self.base)} has {b.shape}")
+            _read(m, path, check, out=buf)
+            np.subtract(buf, b, out=buf)
+            np.add(acc, buf, out=acc)
+        self._checked.add(path)
+        self.read_s += time.perf_counter() - t0
+        return acc
+
+    def close(self) -> None:
+        """Stop the read-ahead thread (also done when the object is collected)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+            self._ahead = None
+
+    def __del__(self) -> None:
+        ex = getattr(self, "_executor", None)
+        if ex is not None:
+            ex.shutdown(wait=False, cancel_futures=True)
 
     @property
     def buffers(self) -> list[np.ndarray]:
@@ -287,6 +353,7 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
     t0 = time.perf_counter()
     delta = _detached(fn(tv, **hp), tv)
     timings["merge_s"] = time.perf_counter() - t0
+    tv.close()
     if svc:
         t0 = time.perf_counter()
         delta = _detached(svc_fn(delta, tv, alpha=alpha, exclude=hp.get("exclude", ()),

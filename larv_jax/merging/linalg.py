@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from larv_jax.arrays import contiguous
+
 _EPS = np.finfo(np.float64).eps
 
 
@@ -153,7 +155,11 @@ def svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float) -> np.ndarray
     u32t = np.ascontiguousarray(u.T, dtype=np.float32)
     ratios = []
     for t in taus:                                           # one task at a time
-        a_i = (u32t @ np.asarray(t, dtype=np.float32)).astype(np.float64)  # rows u_r^T tau_i
+        # a C-contiguous operand whatever the caller's memory order: the same BLAS call, so the
+        # same float32 rounding, for a streamed (native-order) and an in-memory leaf
+        t32 = np.asarray(t, dtype=np.float32)
+        t32 = t32 if t32.flags.c_contiguous else contiguous(t32)
+        a_i = (u32t @ t32).astype(np.float64)                # rows u_r^T tau_i
         num = np.einsum("rn,rn->r", a_m, a_i)
         den = np.maximum(np.einsum("rn,rn->r", a_i, a_i), 1e-12)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -65,6 +65,18 @@ def _items(tv: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
         yield path, t
 
 
+def _task_sums(tv: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(path, sum_k tau_k)`` in float64, one leaf at a time, summed in task order (the same
+    arithmetic for an in-memory stack and for a streaming loader's ``task_sum``)."""
+    task_sum = getattr(tv, "task_sum", None)
+    if task_sum is not None:
+        for path in tv:
+            yield path, task_sum(path)
+        return
+    for path, t in _items(tv):
+        yield path, t.sum(axis=0, dtype=np.float64)
+
+
 def num_tasks(task_vectors: Mapping[str, Any]) -> int:
     """K, read from the first leaf (``len`` of a lazy mapping's model list when it has one)."""
     k = getattr(task_vectors, "num_tasks", None)
@@ -160,10 +172,8 @@ def task_arithmetic(task_vectors: Mapping[str, Any], *, scale: float | None = 0.
     """
     _check_scale("scale", scale)
     tv, nested = _flat(task_vectors)
-    delta = {}
-    for path, t in _items(tv):
-        lam = np.float32(1.0 / t.shape[0] if scale is None else scale)
-        delta[path] = (lam * t.sum(axis=0, dtype=np.float32)).astype(np.float32)
+    lam = 1.0 / num_tasks(tv) if scale is None else scale
+    delta = {path: (lam * m).astype(np.float32) for path, m in _task_sums(tv)}
     return _out(delta, nested)
 
 
@@ -422,7 +432,16 @@ def iso_c(task_vectors: Mapping[str, Any], *, scale: float | None = None, model:
     """
     _check_scale("scale", scale)
     lam = ISO_C_SCALES.get(model, 1.0) if scale is None else scale
-    return _spectral(task_vectors, linalg.iso_c_matrix, lam, exclude)
+    tv, nested = _flat(task_vectors)
+    # Only sum_k tau_k is needed (float64): a streaming loader never builds the [K, ...] stack.
+    pats, k, delta = _exclude(exclude), num_tasks(tv), {}
+    for path, m in _task_sums(tv):
+        if takes_matrix_path(path, m.shape, pats):
+            d = _matrix_map(path, m[None], linalg.iso_c_matrix)   # one "task": the sum itself
+        else:
+            d = m / k
+        delta[path] = (np.float32(lam) * d).astype(np.float32)
+    return _out(delta, nested)
 
 
 def iso_cts(task_vectors: Mapping[str, Any], *, scale: float = 1.5, common_fraction: float = 0.8,
