@@ -144,8 +144,9 @@ class Checkpoint:
                              f"expected {out.shape}")
         copy_into(out, x)
 
-    def flat(self) -> dict[str, np.ndarray]:
-        return {p: self.leaf(p) for p in self.paths()}
+    def flat(self, *, native: bool = False) -> dict[str, np.ndarray]:
+        """Every leaf (:meth:`leaf`; ``native`` as there)."""
+        return {p: self.leaf(p, native=native) for p in self.paths()}
 
     def params(self) -> dict[str, Any]:
         return tree.unflatten(self.flat())

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from larv_jax import tree as ltree
-from larv_jax.arrays import aligned_empty
+from larv_jax.arrays import aligned_empty, copy_into
 from larv_jax.diagnostics import kernels as K
 from larv_jax.diagnostics.record import Diagnostics, MatrixDiag
 from larv_jax.diagnostics.unit_rules import Unit
@@ -314,7 +314,7 @@ def _stack(flat: Mapping[str, Any], bucket: Bucket, members: Sequence[int], n_ro
     out = _aligned_empty((n_rows, *shape)) if out is None else out
     out[len(members):] = 0.0
     for j, i in enumerate(members):
-        out[j] = matrix(bucket.members[i])
+        copy_into(out[j], matrix(bucket.members[i]))  # fast for transposed-memory leaves
     return out
 
 

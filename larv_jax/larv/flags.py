@@ -152,7 +152,8 @@ def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
     from larv_jax.larv import mergers
     from larv_jax.larv import veneer as V
 
-    base_flat = base if isinstance(base, Mapping) else base.flat()
+    # the source's memory order, like the merged delta: theta0 + s * D then needs no transposes
+    base_flat = base if isinstance(base, Mapping) else base.flat(native=True)
     svc_on = bool(getattr(args, "svc", False))
     merge = svc = tau = None
     needs_engine = args.larv_apply == "pre" or (svc_on and args.larv_svc_order == "larv_first")
