@@ -126,11 +126,13 @@ class TaskVectors(Mapping):
         and numpy's kernels release the GIL); at most two sums are alive.
         """
         if self._ahead is not None and self._ahead[0] == path:
-            fut = self._ahead[1]
+            result = self._ahead[1].result()
             self._ahead = None
         else:
-            fut = None
-        result = fut.result() if fut is not None else self._task_sum(path)
+            if self._ahead is not None:       # out of order: let the read-ahead finish first
+                concurrent.futures.wait([self._ahead[1]])
+                self._ahead = None
+            result = self._task_sum(path)
         if path in self._path_set:
             i = self.paths.index(path)
             if i + 1 < len(self.paths):
@@ -145,23 +147,27 @@ class TaskVectors(Mapping):
         t0 = time.perf_counter()
         check = path not in self._checked
         b = _read(self.base, path, check, native=True)
-        acc = np.zeros_like(b, dtype=np.float64)          # keeps b's memory order
         mem = b.swapaxes(-1, -2) if (b.ndim >= 2 and not b.flags.c_contiguous) else b
         key = mem.shape
+        acc_mem = np.empty(key, np.float64)  # fresh: the caller keeps it (reused rings measured slower)
+        acc = acc_mem.swapaxes(-1, -2) if mem is not b else acc_mem  # b's memory order
         scratch = self._sum_scratch.get(key)
         if scratch is None or not self.reuse_buffers:
             scratch = np.empty(key, np.float32)
             if self.reuse_buffers:
                 self._sum_scratch[key] = scratch
         buf = scratch.swapaxes(-1, -2) if mem is not b else scratch
-        for m in self.models:
+        for k, m in enumerate(self.models):
             shape_k = tuple(m.shape(path)) if hasattr(m, "shape") else b.shape
             if shape_k != b.shape:
                 raise ValueError(f"{_name(m)}: {path!r} has shape {shape_k}; the base "
                                  f"{_name(self.base)} has {b.shape}")
             _read(m, path, check, out=buf)
             np.subtract(buf, b, out=buf)
-            np.add(acc, buf, out=acc)
+            if k == 0:
+                np.copyto(acc, buf)
+            else:
+                np.add(acc, buf, out=acc)
         self._checked.add(path)
         self.read_s += time.perf_counter() - t0
         return acc
@@ -181,7 +187,8 @@ class TaskVectors(Mapping):
     @property
     def buffers(self) -> list[np.ndarray]:
         """The reused memory (empty unless ``reuse_buffers``)."""
-        return [self._pool] if self._pool.size else []
+        out = [self._pool] if self._pool.size else []
+        return out + list(self._sum_scratch.values())
 
 
 def _read(ckpt: Any, path: str, check: bool, out: np.ndarray | None = None,

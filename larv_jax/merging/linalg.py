@@ -80,7 +80,11 @@ def iso_c_matrix(taus: np.ndarray) -> np.ndarray:
     ``U V^T`` is the polar factor ``M (M^T M)^(-1/2)`` (of the tall view), so one float64 Gram
     eigendecomposition gives both it and ``mean(S)``: no ``U`` is formed.
     """
-    m = np.sum(taus, axis=0, dtype=np.float64)
+    taus = np.asarray(taus)
+    if taus.shape[0] == 1 and taus.dtype == np.float64:
+        m = taus[0]                              # already the (float64) sum: no copy
+    else:
+        m = np.sum(taus, axis=0, dtype=np.float64)
     if m.shape[0] < m.shape[1]:
         return iso_c_matrix_tall(m.T).T
     return iso_c_matrix_tall(m)
