@@ -229,4 +229,4 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
         f.write(raw)
         for a in arrays:
             if a.size:
-                f.write(memoryview(a.reshape(-1)).cast("B"))
+                f.write(memoryview(a.reshape(-1).view(np.uint8)))  # raw bytes, any dtype

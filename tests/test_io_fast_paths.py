@@ -1,0 +1,137 @@
+"""The hot-path helpers the merge engine relies on, each against an independent reference:
+tiled transposes vs numpy, the streaming safetensors writer vs the ``safetensors`` package's own
+reader, native-order leaves vs the default ones, streamed task sums vs a float64 numpy sum, and
+in-place application vs ``theta0 + s * D``."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from larv_jax import tree
+from larv_jax.arrays import aligned_empty, contiguous, copy_into, memory_order, swapped_buffer
+from larv_jax.checkpoint import load_checkpoint, save_hf
+from larv_jax.checkpoint.sources import write_safetensors
+from larv_jax.merging import METHODS, TaskVectors, apply_delta, merge_delta
+from larv_jax.models.clip import abstract_params
+from larv_jax.models.config import CLIPConfig, VisionConfig
+
+VCFG = CLIPConfig(vision=VisionConfig(width=16, layers=3, heads=2, mlp_dim=80, image_size=16,
+                                      patch_size=8))
+
+
+@pytest.mark.parametrize("shape", [(200, 70), (64, 65), (3, 5000), (1, 9)])
+def test_copy_into_transposed_views_matches_numpy(shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = copy_into(np.empty(shape[::-1], np.float32), x.T)
+    np.testing.assert_array_equal(got, x.T)
+    assert got.flags.c_contiguous
+    # into a float64 destination (casting) and into a transposed destination (numpy path)
+    np.testing.assert_array_equal(copy_into(np.empty(shape[::-1]), x.T), x.T.astype(np.float64))
+    dst = swapped_buffer(shape[::-1])
+    np.testing.assert_array_equal(copy_into(dst, x.T), x.T)
+    with pytest.raises(ValueError, match="shapes differ"):
+        copy_into(np.empty(shape, np.float32), x.T[:1])
+
+
+def test_contiguous_memory_order_and_alignment():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    s = x.swapaxes(-1, -2)
+    view, swapped = memory_order(s)
+    assert swapped and view.flags.c_contiguous and np.shares_memory(view, x)
+    same, swapped = memory_order(x)
+    assert same is x and not swapped
+    c = contiguous(s)
+    assert c.flags.c_contiguous and np.array_equal(c, s)
+    a = aligned_empty((5, 7), np.float64)
+    assert a.ctypes.data % 64 == 0 and a.shape == (5, 7) and a.dtype == np.float64
+
+
+def test_write_safetensors_round_trips_through_the_reference_reader(tmp_path):
+    rng = np.random.default_rng(1)
+    tensors = {
+        "a.weight": rng.standard_normal((7, 5)).astype(np.float32),
+        "b": rng.standard_normal((3,)).astype(np.float16),
+        "c": rng.standard_normal((2, 3, 4)).astype(ml_dtypes.bfloat16),
+        "d": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "e": np.zeros((0, 4), np.float32),
+        "f": np.array(3.5, np.float64),
+    }
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, tensors, metadata={"format": "pt"})
+    back = load_file(str(path))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k].astype(np.float64), v.astype(np.float64))
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    assert n % 8 == 0  # header padded to 8 bytes
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        write_safetensors(tmp_path / "y.safetensors", {"t": tensors["a.weight"].T})
+
+
+def _params(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {p: (scale * rng.standard_normal(s.shape)).astype(np.float32)
+            for p, s in tree.flatten(abstract_params(VCFG)).items()}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native")
+    base = _params(0)
+    models = [{p: v + _params(10 + k, 0.01)[p] for p, v in base.items()} for k in range(3)]
+    save_hf(base, VCFG, root / "base")
+    for k, m in enumerate(models):
+        save_hf(m, VCFG, root / f"m{k}")
+    return root, base, models
+
+
+def test_native_leaves_hold_the_same_values_in_the_source_order(ckpts):
+    root, base, _ = ckpts
+    c = load_checkpoint(root / "base")
+    for p in c.paths():
+        default, native = c.leaf(p), c.leaf(p, native=True)
+        np.testing.assert_array_equal(native, base[p], err_msg=p)
+        np.testing.assert_array_equal(default, base[p], err_msg=p)
+        assert default.flags.c_contiguous
+        if c.stores_transposed(p):  # HF dense kernels: [out, in] in memory
+            assert not native.flags.c_contiguous and native.swapaxes(-1, -2).flags.c_contiguous
+        # reading into a caller's buffer of either order
+        out = swapped_buffer(native.shape) if native.ndim >= 2 else np.empty(native.shape,
+                                                                             np.float32)
+        np.testing.assert_array_equal(c.leaf(p, out=out), base[p])
+
+
+def test_task_sums_and_read_ahead_match_numpy(ckpts):
+    root, base, models = ckpts
+    b = load_checkpoint(root / "base")
+    ms = [load_checkpoint(root / f"m{k}") for k in range(3)]
+    tv = TaskVectors(b, ms, b.paths(), reuse_buffers=True)
+    order = list(b.paths())
+    # in order (read-ahead used), then one out of order (read-ahead abandoned)
+    for p in order + [order[0]]:
+        want = np.sum([(m[p] - base[p]).astype(np.float64) for m in models], axis=0)
+        np.testing.assert_allclose(tv.task_sum(p), want, rtol=0, atol=1e-12, err_msg=p)
+        np.testing.assert_array_equal(tv[p], np.stack([m[p] - base[p] for m in models]))
+    tv.close()
+
+
+def test_streamed_task_arithmetic_and_inplace_apply_match_in_memory(ckpts):
+    root, base, models = ckpts
+    tv = {p: np.stack([m[p] - base[p] for m in models]) for p in base}
+    want = METHODS["task_arithmetic"](tv)
+    delta, _ = merge_delta(root / "base", [root / f"m{k}" for k in range(3)], "task_arithmetic",
+                           hash_inputs=False)
+    for p in want:
+        np.testing.assert_array_equal(delta[p], want[p], err_msg=p)
+    scales = {p: 0.5 for p in delta}
+    expect = {p: base[p] + np.float32(0.5) * want[p] for p in base}
+    got = apply_delta(root / "base", dict(delta), scales=scales, consume=True, inplace=True)
+    for p in expect:
+        np.testing.assert_allclose(got[p], expect[p], rtol=0, atol=1e-6, err_msg=p)
+    with pytest.raises(ValueError, match="consume"):
+        apply_delta(root / "base", delta, inplace=True)
