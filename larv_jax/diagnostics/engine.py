@@ -1,17 +1,20 @@
 """Batched, sharded LARV diagnostics: shape buckets, a per-base cache, and ``diagnose``.
 
-Every matrix of every unit is put into a *shape bucket*: matrices are viewed in the torch
-orientation ``[out, in]`` and wide ones are transposed to tall (``m >= n``; singular values and
-both commutators are invariant under transposing A and D together, which also lets square and
-tall dense kernels be read in their stored Flax layout without a transpose copy), so for ViT-B/32 the
-buckets are ``[48, 768, 768]`` (q, k, v, out of 12 blocks) and ``[25, 3072, 768]`` (12 fc1, 12 fc2
-transposed, the patch conv transposed), plus ``[1, 768, 512]`` for ``visual/proj``. The kernels
-of ``larv_jax.diagnostics.kernels`` are vmapped over a bucket and jit-compiled once per bucket
-shape (``TRACES`` counts the traces).
+Every matrix of every unit is put into a *shape bucket* keyed by its tall shape ``(m, n)``,
+``m >= n`` (singular values and both commutators are invariant under transposing A and D
+together), so for ViT-B/32 the buckets are ``[48, 768, 768]`` (q, k, v, out of 12 blocks) and
+``[25, 3072, 768]`` (12 fc1, 12 fc2, the patch conv), plus ``[1, 768, 512]`` for ``visual/proj``.
+Nothing is copy-transposed: within a bucket the matrices that read tall from their leaf (Flax
+dense kernels ``[in, out]``, other leaves in the torch view) form a ``tall`` part and those that
+read wide (``mlp/c_fc``, the patch conv) a ``wide`` part, and the Gram-level products contract each
+part along its long axis, giving the same ``n x n`` Grams; everything after is batched over the
+whole bucket. The kernels of ``larv_jax.diagnostics.kernels`` are vmapped and jit-compiled once
+per bucket (``TRACES`` counts the traces).
 
 Devices: the bucket (matrix) axis is split over ``devices`` (default ``jax.local_devices()``):
-the bucket is padded with zero matrices to a multiple of the device count (padding dropped after),
-and each device gets one contiguous chunk. Two executions are available (``execution=``):
+each part is padded with zero matrices to a multiple of the device count (padding dropped after)
+and each device gets one contiguous chunk of each part (``_Layout``). Two executions are
+available (``execution=``):
 
 - ``"per_device"`` (default): the jitted, vmapped kernel is dispatched once per device on its
   chunk (``jax.device_put(chunk, device)``); one trace per bucket shape (XLA compiles it once
