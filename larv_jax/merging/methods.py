@@ -65,6 +65,16 @@ def _items(tv: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
         yield path, t
 
 
+def _scaled(d: np.ndarray, scale: float) -> np.ndarray:
+    """``float32(scale) * d`` as float32: the same rounding as
+    ``(np.float32(scale) * d).astype(np.float32)``, but in place for a float32 ``d``, so only
+    for arrays the method itself just made (never a view of its input)."""
+    if d.dtype == np.float32 and d.flags.writeable:
+        np.multiply(d, np.float32(scale), out=d)
+        return d
+    return (np.float32(scale) * d).astype(np.float32)
+
+
 def _task_sums(tv: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     """``(path, sum_k tau_k)`` in float64, one leaf at a time, summed in task order (the same
     arithmetic for an in-memory stack and for a streaming loader's ``task_sum``)."""
@@ -160,7 +170,7 @@ def _spectral(task_vectors, fn, scale: float, exclude: Sequence[str]) -> Any:
             d = _matrix_map(path, t, fn)
         else:
             d = t.mean(axis=0)
-        delta[path] = (np.float32(scale) * d).astype(np.float32)
+        delta[path] = _scaled(d, scale)
     return _out(delta, nested)
 
 
@@ -173,7 +183,12 @@ def task_arithmetic(task_vectors: Mapping[str, Any], *, scale: float | None = 0.
     _check_scale("scale", scale)
     tv, nested = _flat(task_vectors)
     lam = 1.0 / num_tasks(tv) if scale is None else scale
-    delta = {path: (lam * m).astype(np.float32) for path, m in _task_sums(tv)}
+    delta = {}
+    for path, m in _task_sums(tv):
+        # lam * m in float64, rounded once into the float32 result: no float64 temporary
+        d = np.empty_like(m, dtype=np.float32)          # keeps m's memory order
+        np.multiply(m, lam, out=d, casting="unsafe")
+        delta[path] = d
     return _out(delta, nested)
 
 
@@ -286,7 +301,7 @@ def ties(task_vectors: Mapping[str, Any], *, scale: float = 0.3, keep: float = 0
         if majority != 0:
             flat_out[idx] = p if majority > 0 else n
     for path in delta:
-        delta[path] = (np.float32(scale) * delta[path]).astype(np.float32)
+        delta[path] = _scaled(delta[path], scale)
     return _out(delta, nested)
 
 
@@ -440,7 +455,7 @@ def iso_c(task_vectors: Mapping[str, Any], *, scale: float | None = None, model:
             d = _matrix_map(path, m[None], linalg.iso_c_matrix)   # one "task": the sum itself
         else:
             d = m / k
-        delta[path] = (np.float32(lam) * d).astype(np.float32)
+        delta[path] = _scaled(d, lam)
     return _out(delta, nested)
 
 
