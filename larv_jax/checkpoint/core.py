@@ -313,7 +313,9 @@ def load_params(path: str | Path, **kw) -> tuple[CLIPConfig, dict[str, Any]]:
 def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig, dtype: Any = np.float32
                      ) -> dict[str, np.ndarray]:
     """Flax params (nested or flat) -> Hugging Face state dict (``vision_model.`` prefixed),
-    C-contiguous ``dtype`` arrays."""
+    C-contiguous ``dtype`` arrays. An entry may share memory with ``params`` (a leaf already in
+    the source order, read with ``native=True``, is exported without a copy): copy before
+    modifying it."""
     flat = params if all("/" in k or k == "logit_scale" for k in params) and not any(
         isinstance(v, Mapping) for v in params.values()) else tree.flatten(params)
     rows = table.hf_rows(vision_prefix="vision_model.", has_text=config.has_text,
