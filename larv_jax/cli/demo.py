@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.cli.zoo import default_zoo_dir
     from larv_jax.eval import evaluate, zero_shot_head
     from larv_jax.eval.data import open_source
-    from larv_jax.io import atomic_path
+    from larv_jax.io import atomic_path, json_default
     from larv_jax.larv import mergers as larv_mergers
     from larv_jax.larv import schedules as larv_schedules
     from larv_jax.larv.grid import run_grid
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "table.md").write_text("\n".join(lines))
         with open(tmp / "results.jsonl", "w") as f:
             for r in rows:
-                f.write(json.dumps(r, default=_json_default) + "\n")
+                f.write(json.dumps(r, default=json_default) + "\n")
         (tmp / "summary.json").write_text(json.dumps({
             "zoo": str(zoo_dir), "seed": args.seed, "quick": quick, "tasks": names,
             "methods": list(methods), "veneers": [g["name"] for g in gates],
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
                         "load_and_reference_rows": round(t_ref - t_start - t_zoo, 1),
                         "grid": round(t_grid - t_ref, 1),
                         "total": round(time.perf_counter() - t_start, 1)},
-        }, indent=2, default=_json_default) + "\n")
+        }, indent=2, default=json_default) + "\n")
     print()
     print(main)
     print()
@@ -248,15 +248,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {out}/table.md, results.jsonl, summary.json, plots/ "
           f"({time.perf_counter() - t_start:.0f} s)")
     return 0
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

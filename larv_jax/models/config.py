@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -142,14 +141,9 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> CLIPConfig:
 
 
 def read_hf_config(path: str | Path) -> CLIPConfig:
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no config.json") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return from_hf_dict(d, source=str(path))
+    from larv_jax.io import read_json
+
+    return from_hf_dict(read_json(path, missing="no config.json"), source=str(path))
 
 
 def to_hf_dict(cfg: CLIPConfig) -> dict[str, Any]:

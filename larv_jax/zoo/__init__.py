@@ -20,10 +20,10 @@ through ``tfds.data_source("larv_zoo/<task>", data_dir=zoo.data_dir)`` and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from larv_jax.io import read_json
 from larv_jax.zoo.build import (
     MANIFEST,
     QUICK,
@@ -75,13 +75,8 @@ class Zoo(NamedTuple):
 def open_zoo(root: str | Path) -> Zoo:
     """Open a built zoo; FileNotFoundError naming the manifest when there is none."""
     root = Path(root)
-    path = root / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no zoo manifest (build one with `larv zoo build`)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(root / MANIFEST,
+                         missing="no zoo manifest (build one with `larv zoo build`)")
     return Zoo(root, manifest)
 
 
