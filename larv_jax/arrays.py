@@ -37,7 +37,11 @@ def copy_into(out: np.ndarray, src: np.ndarray) -> np.ndarray:
 
 
 def contiguous(src: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """A fresh C-contiguous copy of ``src`` as ``dtype`` (:func:`copy_into` for the copy)."""
+    """``src`` as a C-contiguous ``dtype`` array: ``src`` itself when it already is one (like
+    :func:`numpy.ascontiguousarray`), else one copy (:func:`copy_into`)."""
+    src = np.asarray(src)
+    if src.flags.c_contiguous and src.dtype == np.dtype(dtype):
+        return src
     return copy_into(np.empty(src.shape, dtype), src)
 
 
@@ -50,6 +54,27 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype | type = np.float32) -> 
     return raw[off:off + nbytes].view(dtype).reshape(tuple(shape))
 
 
+def is_swapped(x: np.ndarray) -> bool:
+    """Whether ``x`` is the transposed view (last two axes) of a C-contiguous array."""
+    return (x.ndim >= 2 and not x.flags.c_contiguous
+            and x.swapaxes(-1, -2).flags.c_contiguous)
+
+
+def empty_like_order(shape: Sequence[int], like: np.ndarray, dtype: np.dtype | type = np.float32,
+                     pool: np.ndarray | None = None) -> np.ndarray:
+    """Uninitialised ``shape`` array laid out like ``like`` in its last two axes: swapped in
+    memory when ``like`` is (:func:`is_swapped`), else C order. ``pool``: a flat array of
+    ``dtype`` with at least ``prod(shape)`` entries to carve it from instead of allocating."""
+    shape = tuple(shape)
+    swapped = is_swapped(like)
+    mem_shape = shape[:-2] + (shape[-1], shape[-2]) if swapped else shape
+    if pool is None:
+        mem = np.empty(mem_shape, dtype)
+    else:
+        mem = pool[:int(np.prod(mem_shape, dtype=np.int64))].reshape(mem_shape)
+    return mem.swapaxes(-1, -2) if swapped else mem
+
+
 def swapped_buffer(shape: Sequence[int], dtype: np.dtype | type = np.float32) -> np.ndarray:
     """An uninitialised array of ``shape`` whose last two axes are swapped in memory: the
     transposed view of a C-contiguous ``[..., shape[-1], shape[-2]]`` buffer."""
@@ -60,9 +85,8 @@ def swapped_buffer(shape: Sequence[int], dtype: np.dtype | type = np.float32) ->
 def memory_order(x: np.ndarray) -> tuple[np.ndarray, bool]:
     """``(x, False)`` if ``x`` is C-contiguous, ``(x.swapaxes(-1, -2), True)`` if that is, else a
     C-contiguous copy: a view to run layout-free (elementwise) work on in memory order."""
-    if x.flags.c_contiguous or x.ndim < 2:
+    if x.flags.c_contiguous:
         return x, False
-    s = x.swapaxes(-1, -2)
-    if s.flags.c_contiguous:
-        return s, True
+    if is_swapped(x):
+        return x.swapaxes(-1, -2), True
     return np.ascontiguousarray(x), False

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from larv_jax import tree
-from larv_jax.arrays import copy_into, swapped_buffer
+from larv_jax.arrays import contiguous, copy_into, swapped_buffer
 from larv_jax.checkpoint import table
 from larv_jax.checkpoint.sources import DictSource, SafetensorsSource, load_torch_file, write_safetensors
 from larv_jax.io import atomic_path
@@ -287,15 +287,6 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
     return Checkpoint(source, config, path)
 
 
-def _contiguous(x: np.ndarray, dtype: Any) -> np.ndarray:
-    """``x`` as a C-contiguous ``dtype`` array: itself when it already is one (a leaf read with
-    ``native=True`` exports without a copy), else one fast copy."""
-    x = np.asarray(x)
-    if x.flags.c_contiguous and x.dtype == np.dtype(dtype):
-        return x
-    return copy_into(np.empty(x.shape, dtype), x)
-
-
 @functools.lru_cache(maxsize=16)
 def _leaf_shapes(config: CLIPConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Flax leaf shapes of a config (an abstract ``init``: ~0.1 s, done once per config)."""
@@ -329,9 +320,9 @@ def to_hf_state_dict(params: Mapping[str, Any], config: CLIPConfig, dtype: Any =
         used.add(path)
         if "{i}" in src:
             for i in range(leaf.shape[0]):
-                out[src.format(i=i)] = _contiguous(table.from_flax(leaf[i], t), dtype)
+                out[src.format(i=i)] = contiguous(table.from_flax(leaf[i], t), dtype)
         else:
-            out[src] = _contiguous(table.from_flax(leaf, t), dtype)
+            out[src] = contiguous(table.from_flax(leaf, t), dtype)
     extra = sorted(set(flat) - used)
     if extra:
         raise ValueError(f"params have leaves with no Hugging Face name: {extra[:5]}")

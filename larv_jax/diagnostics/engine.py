@@ -221,8 +221,7 @@ def _to_slots(x: np.ndarray, lay: _Layout) -> np.ndarray:
     """Member-order ``x`` [N, ...] to slot order (zeros in padding slots)."""
     if len(lay.slots) == x.shape[0] and (lay.slots == np.arange(x.shape[0])).all():
         return x
-    out = (_aligned_empty((len(lay.slots),) + x.shape[1:]) if x.dtype == np.float32
-           else np.empty((len(lay.slots),) + x.shape[1:], x.dtype))
+    out = aligned_empty((len(lay.slots),) + x.shape[1:], x.dtype)
     real = lay.slots >= 0
     out[~real] = 0
     out[real] = x[lay.slots[real]]
@@ -274,10 +273,6 @@ def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
     return local
 
 
-def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-    return aligned_empty(shape, np.float32)
-
-
 def _stack(flat: Mapping[str, Any], bucket: Bucket, members: Sequence[int], n_rows: int,
            wide: bool, what: str, out: np.ndarray | None = None) -> Any:
     """``[n_rows, m, n]`` (``[n_rows, n, m]`` if ``wide``) float32 stack of the given members,
@@ -314,7 +309,7 @@ def _stack(flat: Mapping[str, Any], bucket: Bucket, members: Sequence[int], n_ro
         mats = [matrix(bucket.members[i]) for i in members]
         mats += [jnp.zeros(shape, jnp.float32)] * (n_rows - len(mats))
         return jnp.stack(mats) if mats else jnp.zeros((0, *shape), jnp.float32)
-    out = _aligned_empty((n_rows, *shape)) if out is None else out
+    out = aligned_empty((n_rows, *shape)) if out is None else out
     out[len(members):] = 0.0
     for j, i in enumerate(members):
         copy_into(out[j], matrix(bucket.members[i]))  # fast for transposed-memory leaves
@@ -476,8 +471,7 @@ def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode:
 def _pad(x: np.ndarray, n_pad: int) -> np.ndarray:
     if x.shape[0] == n_pad:
         return x
-    out = (_aligned_empty((n_pad,) + x.shape[1:]) if x.dtype == np.float32
-           else np.empty((n_pad,) + x.shape[1:], x.dtype))
+    out = aligned_empty((n_pad,) + x.shape[1:], x.dtype)
     out[x.shape[0]:] = 0
     out[: x.shape[0]] = x
     return out
@@ -563,9 +557,9 @@ def _diagnose_bucket(bi: int, bucket: Bucket, delta_flat: Mapping[str, Any], cac
     a_t = staged("a_t", lambda: _pad(cache.stack[bi][0], n_dev * lay.ct))
     a_w = staged("a_w", lambda: _pad(cache.stack[bi][1], n_dev * lay.cw))
     d_t = _stack(delta_flat, bucket, lay.tall, n_dev * lay.ct, False, "update",
-                 staged("d_t", lambda: _aligned_empty((n_dev * lay.ct, m, n))))
+                 staged("d_t", lambda: aligned_empty((n_dev * lay.ct, m, n))))
     d_w = _stack(delta_flat, bucket, lay.wide, n_dev * lay.cw, True, "update",
-                 staged("d_w", lambda: _aligned_empty((n_dev * lay.cw, n, m))))
+                 staged("d_w", lambda: aligned_empty((n_dev * lay.cw, n, m))))
     fn = _diag_fn(place.mesh, bucket.square, mode, k, p, q, float(eps), float(zero_rtol))
     args = [a_t, a_w, d_t, d_w, _keys(key, bi, lay),
             staged("reff", lambda: _to_slots(cache.reff[bi], lay)),

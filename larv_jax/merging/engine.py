@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from larv_jax import tree
+from larv_jax.arrays import empty_like_order
 
 Flat = dict[str, np.ndarray]
 
@@ -66,16 +67,17 @@ class TaskVectors(Mapping):
 
     def __init__(self, base: Any, models: Sequence[Any], paths: Sequence[str], *,
                  reuse_buffers: bool = False):
+        if not models:
+            raise ValueError("no fine-tuned models given (models is empty)")
         self.base = base
         self.models = list(models)
         self.paths = list(paths)
-        self._path_set = set(self.paths)
+        self._pos = {p: i for i, p in enumerate(self.paths)}
         self.num_tasks = len(self.models)
         self.read_s = 0.0
         self._checked: set[str] = set()
         self.reuse_buffers = reuse_buffers
-        self._pool = np.empty(0, np.float32)
-        self._sum_scratch: dict[tuple[int, ...], np.ndarray] = {}
+        self._pools = {"stack": np.empty(0, np.float32), "sum": np.empty(0, np.float32)}
         self._ahead: tuple[str, concurrent.futures.Future] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -86,44 +88,61 @@ class TaskVectors(Mapping):
         return len(self.paths)
 
     def __contains__(self, path: object) -> bool:
-        return path in self._path_set
+        return path in self._pos
 
-    def __getitem__(self, path: str) -> np.ndarray:
+    def _buffer(self, name: str, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
+        """A float32 ``shape`` array in ``like``'s memory order: from the named reused pool
+        (grown as needed) with ``reuse_buffers``, else fresh."""
+        if not self.reuse_buffers:
+            return empty_like_order(shape, like)
+        size = int(np.prod(shape, dtype=np.int64))
+        if self._pools[name].size < size:
+            self._pools[name] = np.empty(size, np.float32)
+        return empty_like_order(shape, like, pool=self._pools[name])
+
+    def _taus(self, path: str, dest) -> Iterator[int]:
+        """Write ``tau_k`` of one leaf into ``dest(k)`` for each task, yielding ``k`` after each.
+
+        The base leaf is read in the source's memory order (``native``: [out, in] for HF
+        kernels) and ``dest`` takes that order too, so every read is a plain copy and the merged
+        delta keeps it. Shapes are checked and, on a leaf's first read, values are finite.
+        """
         t0 = time.perf_counter()
         check = path not in self._checked
         b = _read(self.base, path, check, native=True)
-        shape = (self.num_tasks,) + b.shape
-        # The stack takes the base leaf's memory order (the source's: [out, in] for HF kernels),
-        # so reading is a plain copy per model and the merged delta keeps that order.
-        swapped = b.ndim >= 2 and not b.flags.c_contiguous and b.swapaxes(-1, -2).flags.c_contiguous
-        mem_shape = shape[:-2] + (shape[-1], shape[-2]) if swapped else shape
-        if self.reuse_buffers:
-            size = int(np.prod(mem_shape))
-            if self._pool.size < size:
-                self._pool = np.empty(size, np.float32)
-            mem = self._pool[:size].reshape(mem_shape)
-        else:
-            mem = np.empty(mem_shape, np.float32)
-        out = mem.swapaxes(-1, -2) if swapped else mem
         for k, m in enumerate(self.models):
             shape_k = tuple(m.shape(path)) if hasattr(m, "shape") else b.shape
             if shape_k != b.shape:
                 raise ValueError(f"{_name(m)}: {path!r} has shape {shape_k}; the base "
                                  f"{_name(self.base)} has {b.shape}")
-            _read(m, path, check, out=out[k])   # straight into the stack: no per-model copy
-            np.subtract(out[k], b, out=out[k])
+            out = dest(k, b)
+            _read(m, path, check, out=out)   # straight into place: no per-model copy
+            np.subtract(out, b, out=out)
+            yield k
         self._checked.add(path)
         self.read_s += time.perf_counter() - t0
-        return out
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        stack: list[np.ndarray] = []
+
+        def dest(k, b):
+            if not stack:
+                stack.append(self._buffer("stack", (self.num_tasks, *b.shape), b))
+            return stack[0][k]
+
+        for _ in self._taus(path, dest):
+            pass
+        return stack[0]
 
     def task_sum(self, path: str) -> np.ndarray:
         """``sum_k tau_k`` of one leaf, float64, in the base leaf's memory order.
 
         For the methods that only need the sum (Task Arithmetic, simple averaging, Iso-C): one
-        model leaf at a time goes through a reused scratch buffer into a float64 accumulator, so
-        no ``[K, ...]`` stack is built. When the methods walk the leaves in order, the next
-        leaf's sum is read in a background thread while the caller works on this one (reading
-        and numpy's kernels release the GIL); at most two sums are alive.
+        model leaf at a time goes through a scratch buffer into a float64 accumulator, so no
+        ``[K, ...]`` stack is built. When the methods walk the leaves in order, the next leaf's
+        sum is read in a background thread while the caller works on this one (reading and
+        numpy's kernels release the GIL); at most two sums are alive, and only one is being
+        read at any time (so the scratch buffer is never shared).
         """
         if self._ahead is not None and self._ahead[0] == path:
             result = self._ahead[1].result()
@@ -133,44 +152,32 @@ class TaskVectors(Mapping):
                 concurrent.futures.wait([self._ahead[1]])
                 self._ahead = None
             result = self._task_sum(path)
-        if path in self._path_set:
-            i = self.paths.index(path)
-            if i + 1 < len(self.paths):
-                nxt = self.paths[i + 1]
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix="larv-read-ahead")
-                self._ahead = (nxt, self._executor.submit(self._task_sum, nxt))
+        i = self._pos.get(path)
+        if i is not None and i + 1 < len(self.paths):
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="larv-read-ahead")
+            nxt = self.paths[i + 1]
+            self._ahead = (nxt, self._executor.submit(self._task_sum, nxt))
         return result
 
     def _task_sum(self, path: str) -> np.ndarray:
-        t0 = time.perf_counter()
-        check = path not in self._checked
-        b = _read(self.base, path, check, native=True)
-        mem = b.swapaxes(-1, -2) if (b.ndim >= 2 and not b.flags.c_contiguous) else b
-        key = mem.shape
-        acc_mem = np.empty(key, np.float64)  # fresh: the caller keeps it (reused rings measured slower)
-        acc = acc_mem.swapaxes(-1, -2) if mem is not b else acc_mem  # b's memory order
-        scratch = self._sum_scratch.get(key)
-        if scratch is None or not self.reuse_buffers:
-            scratch = np.empty(key, np.float32)
-            if self.reuse_buffers:
-                self._sum_scratch[key] = scratch
-        buf = scratch.swapaxes(-1, -2) if mem is not b else scratch
-        for k, m in enumerate(self.models):
-            shape_k = tuple(m.shape(path)) if hasattr(m, "shape") else b.shape
-            if shape_k != b.shape:
-                raise ValueError(f"{_name(m)}: {path!r} has shape {shape_k}; the base "
-                                 f"{_name(self.base)} has {b.shape}")
-            _read(m, path, check, out=buf)
-            np.subtract(buf, b, out=buf)
+        scratch: list[np.ndarray] = []
+
+        def dest(k, b):
+            if not scratch:
+                scratch.append(self._buffer("sum", b.shape, b))
+                # fresh: the caller keeps it (reused accumulators measured slower)
+                scratch.append(empty_like_order(b.shape, b, np.float64))
+            return scratch[0]
+
+        for k in self._taus(path, dest):
+            buf, acc = scratch
             if k == 0:
                 np.copyto(acc, buf)
             else:
                 np.add(acc, buf, out=acc)
-        self._checked.add(path)
-        self.read_s += time.perf_counter() - t0
-        return acc
+        return scratch[1]
 
     def close(self) -> None:
         """Stop the read-ahead thread (also done when the object is collected)."""
@@ -187,14 +194,12 @@ class TaskVectors(Mapping):
     @property
     def buffers(self) -> list[np.ndarray]:
         """The reused memory (empty unless ``reuse_buffers``)."""
-        out = [self._pool] if self._pool.size else []
-        return out + list(self._sum_scratch.values())
+        return [p for p in self._pools.values() if p.size]
 
 
 def _read(ckpt: Any, path: str, check: bool, out: np.ndarray | None = None,
           native: bool = False) -> np.ndarray:
-    takes = _takes_out(ckpt)
-    if takes and (out is not None or native):
+    if _takes_out(type(ckpt)):
         x = ckpt.leaf(path, out=out, native=native)
     else:
         x = np.asarray(ckpt.leaf(path), dtype=np.float32)
@@ -212,10 +217,13 @@ def _read(ckpt: Any, path: str, check: bool, out: np.ndarray | None = None,
     return x
 
 
-def _takes_out(ckpt: Any) -> bool:
+@functools.lru_cache(maxsize=64)
+def _takes_out(cls: type) -> bool:
+    """Whether ``cls.leaf`` takes ``out=`` and ``native=`` (``larv_jax.checkpoint``'s does);
+    looked up once per checkpoint class, not per read."""
     try:
-        params = inspect.signature(ckpt.leaf).parameters
-    except (TypeError, ValueError):
+        params = inspect.signature(cls.leaf).parameters
+    except (AttributeError, TypeError, ValueError):
         return False
     return "out" in params and "native" in params
 
@@ -431,7 +439,7 @@ def apply_delta(base: Any, delta: Mapping[str, np.ndarray], *,
     else:
         base = _open(base)
         paths = list(base.paths())
-        leaf = functools.partial(base.leaf, native=True) if _takes_out(base) else base.leaf
+        leaf = functools.partial(base.leaf, native=True) if _takes_out(type(base)) else base.leaf
         get = lambda p: np.array(leaf(p), dtype=np.float32, copy=None)  # noqa: E731  (fresh)
     unknown = sorted(set(delta) - set(paths))
     if unknown:

@@ -161,9 +161,7 @@ def svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float) -> np.ndarray
     for t in taus:                                           # one task at a time
         # a C-contiguous operand whatever the caller's memory order: the same BLAS call, so the
         # same float32 rounding, for a streamed (native-order) and an in-memory leaf
-        t32 = np.asarray(t, dtype=np.float32)
-        t32 = t32 if t32.flags.c_contiguous else contiguous(t32)
-        a_i = (u32t @ t32).astype(np.float64)                # rows u_r^T tau_i
+        a_i = (u32t @ contiguous(t, np.float32)).astype(np.float64)  # rows u_r^T tau_i
         num = np.einsum("rn,rn->r", a_m, a_i)
         den = np.maximum(np.einsum("rn,rn->r", a_i, a_i), 1e-12)
         with np.errstate(invalid="ignore", divide="ignore"):
