@@ -33,71 +33,30 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
 
 
-def _merged_delta(base, models, method: str):
-    """``(flat delta, report)`` of the base merger over the vision tower."""
-    try:
-        from larv_jax.merging import merge_delta
-    except ImportError:  # pragma: no cover - the merging package is part of the install
-        merge_delta = None
-    if merge_delta is not None:
-        res = merge_delta(base, models, method, hash_inputs=False)
-        return res.delta, {k: v for k, v in res.report.items() if k in ("method", "hparams")}
-    if method != "task_arithmetic":
-        raise ValueError(f"--method {method!r} needs larv_jax.merging; only task_arithmetic "
-                         "is built in")
-    import numpy as np
-
-    delta = {}
-    for path in base.paths():
-        acc = np.zeros(base.shape(path), np.float32)
-        theta0 = base.leaf(path)
-        for m in models:
-            if path not in m.paths() or tuple(m.shape(path)) != tuple(base.shape(path)):
-                raise ValueError(f"{m.origin}: parameter {path!r} missing or shaped "
-                                 f"differently from the base {tuple(base.shape(path))}")
-            leaf = m.leaf(path)
-            if not np.isfinite(leaf).all():
-                raise ValueError(f"{m.origin}: parameter {path!r} has non-finite values")
-            acc += leaf - theta0
-        delta[path] = 0.3 * acc
-    return delta, {"method": "task_arithmetic", "hparams": {"scale": 0.3}}
-
-
 def run(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
     from tqdm import tqdm
 
     from larv_jax import diagnostics as dg
     from larv_jax.checkpoint import load_checkpoint
     from larv_jax.io import atomic_path
+    from larv_jax.merging import merge_delta
 
     if not args.models:
         raise ValueError("--models: give at least one fine-tuned checkpoint")
     t0 = time.perf_counter()
     base = load_checkpoint(args.base)
     models = [load_checkpoint(m) for m in args.models]
-    shapes = {p: base.shape(p) for p in base.paths() if p.startswith("visual/")}
+    # The merge checks keys, shapes and finiteness of every input (errors name the file and key).
+    res = merge_delta(base, models, args.method, hash_inputs=False)
+    delta = res.delta
+    merge_info = {k: v for k, v in res.report.items() if k in ("method", "hparams")}
+    # Units over the vision leaves the merge covers (leaves the models lack, e.g. a vision-only
+    # fine-tune's missing projection, have no update), as `larv merge --larv` does.
+    shapes = {p: base.shape(p) for p in delta if p.startswith("visual/")}
     units = dg.units(shapes, args.granularity)
     needed = sorted({p for u in units for p, _ in u.matrices})
-    for m in models:
-        for p in needed:
-            if p not in m.paths():
-                raise ValueError(f"{m.origin}: parameter {p!r} is missing")
-            if tuple(m.shape(p)) != tuple(shapes[p]):
-                raise ValueError(f"{m.origin}: parameter {p!r} has shape {tuple(m.shape(p))}; "
-                                 f"the base {args.base} has {tuple(shapes[p])}")
-    delta, merge_info = _merged_delta(base, models, args.method)
-    base_flat = {}
-    for p in needed:
-        leaf = base.leaf(p)
-        if not np.isfinite(leaf).all():
-            raise ValueError(f"{args.base}: parameter {p!r} has non-finite values")
-        base_flat[p] = leaf
-        if p not in delta:
-            raise ValueError(f"merged update lacks parameter {p!r}")
-        if not np.isfinite(delta[p]).all():
-            raise ValueError(f"merged update: parameter {p!r} has non-finite values")
+    base_flat = {p: base.leaf(p, native=True) for p in needed}
     t_load = time.perf_counter() - t0
 
     key = jax.random.PRNGKey(args.seed)
