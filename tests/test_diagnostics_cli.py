@@ -82,3 +82,29 @@ def test_bad_inputs_exit_nonzero_and_write_nothing(ckpts, tmp_path, capsys):
     assert "wide_model" in err and "shape" in err
     assert not out.exists()
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".diag")]
+
+
+def test_vision_only_finetunes_of_a_full_clip_base(tmp_path):
+    """The zoo's layout: a full CLIP base (text tower, visual projection) and CLIPVisionModel
+    fine-tunes, which carry no projection. Units cover what the merge covers (no proj unit)."""
+    from larv_jax.models.config import TextConfig
+
+    full = CLIPConfig(vision=SMALL.vision, text=TextConfig(width=16, layers=1, heads=2, mlp_dim=32,
+                                                           vocab_size=20, context_length=6,
+                                                           eos_token_id=19),
+                      embed_dim=8, name="small_full")
+    base = {k: np.asarray(v) for k, v in flatten(init_params(full)).items()}
+    assert "visual/proj/kernel" in base
+    vcfg = full.vision_only()
+    rng = np.random.default_rng(1)
+    vision_keys = {k for k in flatten(init_params(vcfg))}
+    assert "visual/proj/kernel" not in vision_keys
+    models = [_save({k: base[k] + 0.01 * rng.standard_normal(base[k].shape).astype(np.float32)
+                     for k in vision_keys}, vcfg, tmp_path / f"ft{i}") for i in range(2)]
+    base_dir = _save(base, full, tmp_path / "base")
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--base", str(base_dir), "--models", *map(str, models),
+                 "--out", str(out)]) == 0
+    js = json.loads((out / "diagnostics.json").read_text())
+    assert js["num_units"] == 7  # patch + 3 per block; no unit for the untouched projection
+    assert all(np.isfinite(u["e"]) and np.isfinite(u["c"]) for u in js["units"])
