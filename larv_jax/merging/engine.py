@@ -440,7 +440,7 @@ def apply_delta(base: Any, delta: Mapping[str, np.ndarray], *,
         base = _open(base)
         paths = list(base.paths())
         leaf = functools.partial(base.leaf, native=True) if _takes_out(type(base)) else base.leaf
-        get = lambda p: np.array(leaf(p), dtype=np.float32, copy=None)  # noqa: E731  (fresh)
+        get = lambda p: np.asarray(leaf(p), dtype=np.float32)  # noqa: E731  (fresh)
     unknown = sorted(set(delta) - set(paths))
     if unknown:
         raise ValueError(f"delta has leaves the base lacks: {unknown[:5]}")
