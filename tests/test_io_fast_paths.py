@@ -135,3 +135,84 @@ def test_streamed_task_arithmetic_and_inplace_apply_match_in_memory(ckpts):
         np.testing.assert_allclose(got[p], expect[p], rtol=0, atol=1e-6, err_msg=p)
     with pytest.raises(ValueError, match="consume"):
         apply_delta(root / "base", delta, inplace=True)
+
+
+def test_chunked_raw_reads_match_leafwise_reads_and_numpy(ckpts, monkeypatch):
+    """The cache-sized chunk path (float32 safetensors) against the per-model leaf path and a
+    numpy reference, with chunks that straddle nothing and do not divide the blocks."""
+    from larv_jax.merging import engine
+
+    root, base, models = ckpts
+    b = load_checkpoint(root / "base")
+    ms = [load_checkpoint(root / f"m{k}") for k in range(3)]
+    kernel = "visual/transformer/resblocks/mlp/c_fc/kernel"
+    layout, swapped = ms[0].raw_layout(kernel)
+    assert swapped and len(layout) == VCFG.vision.layers            # one span per block
+    assert ms[0].raw_layout("visual/conv1/kernel") is None           # the conv needs a reshape
+    monkeypatch.setattr(engine, "_CHUNK", 37)                        # 1280-element blocks
+    fast = TaskVectors(b, ms, b.paths(), read_ahead_bytes=1)
+    slow = TaskVectors(b, ms, b.paths())
+    monkeypatch.setattr(slow, "_raw_layouts", lambda path, leaf: None)
+    for p in b.paths():
+        want_stack = np.stack([m[p] - base[p] for m in models])
+        want_sum = np.sum(want_stack.astype(np.float64), axis=0)
+        got_sum, slow_sum = fast.task_sum(p), slow.task_sum(p)
+        np.testing.assert_array_equal(got_sum, slow_sum, err_msg=p)
+        np.testing.assert_allclose(got_sum, want_sum, rtol=0, atol=1e-12, err_msg=p)
+        np.testing.assert_array_equal(fast[p], want_stack, err_msg=p)
+        assert fast.task_sum(p).flags.c_contiguous == slow_sum.flags.c_contiguous
+    fast.close(), slow.close()
+
+
+def test_chunked_reads_fall_back_for_other_dtypes_and_layouts(ckpts, tmp_path):
+    """A bfloat16 model (upcast on read) and a C-order in-memory base both take the leaf path
+    and give the same sums."""
+    import ml_dtypes
+
+    from larv_jax.larv.veneer import FlatSource
+
+    root, base, models = ckpts
+    half = {p: v.astype(ml_dtypes.bfloat16) for p, v in models[0].items()}
+    save_hf(half, VCFG, tmp_path / "bf16", dtype=ml_dtypes.bfloat16)
+    b = load_checkpoint(root / "base")
+    ms = [load_checkpoint(tmp_path / "bf16"), load_checkpoint(root / "m1")]
+    kernel = "visual/transformer/resblocks/attn/query/kernel"
+    assert ms[0].raw_layout(kernel) is None
+    tv = TaskVectors(b, ms, b.paths())
+    want = (half[kernel].astype(np.float32) - base[kernel]).astype(np.float64) + (
+        models[1][kernel] - base[kernel]).astype(np.float64)
+    np.testing.assert_array_equal(tv.task_sum(kernel), want)
+    flat = TaskVectors(FlatSource(base), [load_checkpoint(root / "m1")], list(base))
+    assert flat._raw_layouts(kernel, base[kernel]) is None           # C order vs [out, in]
+    np.testing.assert_array_equal(flat.task_sum(kernel),
+                                  (models[1][kernel] - base[kernel]).astype(np.float64))
+    tv.close(), flat.close()
+
+
+def test_chunked_reads_name_the_file_with_nan_and_a_truncated_file(ckpts, tmp_path):
+    from larv_jax.merging import engine
+
+    root, base, models = ckpts
+    bad = {p: v.copy() for p, v in models[2].items()}
+    bad["visual/transformer/resblocks/mlp/c_proj/kernel"][1, 3, 5] = np.nan
+    save_hf(bad, VCFG, tmp_path / "nan")
+    b = load_checkpoint(root / "base")
+    ms = [load_checkpoint(root / "m0"), load_checkpoint(tmp_path / "nan")]
+    tv = TaskVectors(b, ms, b.paths())
+    path = "visual/transformer/resblocks/mlp/c_proj/kernel"
+    assert tv._raw_layouts(path, b.leaf(path, native=True)) is not None
+    with pytest.raises(ValueError, match=r"nan.*c_proj/kernel.*1 NaN/Inf"):
+        tv.task_sum(path)
+    with pytest.raises(ValueError, match=r"nan.*c_proj/kernel.*1 NaN/Inf"):
+        tv[path]
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 10)
+    import os
+
+    fd = os.open(short, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="short.bin: truncated"):
+            engine._pread(fd, np.empty(4, np.float32), 0, short)
+    finally:
+        os.close(fd)
+    tv.close()

@@ -95,6 +95,33 @@ class Checkpoint:
         are ``[out, in]``, the Flax leaf ``[in, out]``)."""
         return all(t == "T" for _, t in self._index[path])
 
+    def raw_layout(self, path: str) -> tuple[list[tuple[Path, int, int]], bool] | None:
+        """The stored float32 bytes of a whole leaf, when ``leaf(path, native=True)`` is exactly
+        their concatenation in memory order: ``([(file, byte offset, element count)] in block
+        order, swapped)``, ``swapped`` meaning the leaf's memory is its last two axes transposed
+        (:func:`larv_jax.arrays.is_swapped`). None when any part needs a conversion (another
+        dtype, a reshape, a mixed layout) or the source is not a safetensors file."""
+        span = getattr(self.source, "span", None)
+        if span is None:
+            return None
+        parts = self._index[path]
+        kinds = {t for _, t in parts}
+        shape = self._expected[path]
+        inner = shape[1:] if tree.is_stacked(path) else shape
+        if kinds == {"T"} and len(inner) == 2:
+            swapped, stored = True, tuple(inner[::-1])
+        elif kinds == {"id"}:
+            swapped, stored = False, tuple(inner)
+        else:
+            return None
+        spans = []
+        for key, _ in parts:
+            file, offset, shp, dtype = span(key)
+            if dtype != np.float32 or tuple(shp) != stored:
+                return None
+            spans.append((file, offset, int(np.prod(shp, dtype=np.int64))))
+        return spans, swapped
+
     def leaf(self, path: str, block: int | None = None, out: np.ndarray | None = None, *,
              native: bool = False) -> np.ndarray:
         """One Flax leaf as float32 (stacked leaves gathered from their B source tensors).

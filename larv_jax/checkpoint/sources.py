@@ -50,6 +50,11 @@ class SafetensorsSource:
     def dtype(self, key: str) -> str:
         return self._entries[key][3].name
 
+    def span(self, key: str) -> tuple[Path, int, tuple[int, ...], np.dtype]:
+        """Where tensor ``key`` lies: ``(file, byte offset, shape, dtype)``; its bytes are the
+        C-order array (for readers that take a tensor in pieces, e.g. cache-sized chunks)."""
+        return self._entries[key]
+
     def get(self, key: str, scratch: bool = False) -> np.ndarray:
         """One tensor. ``scratch=True`` reads into this thread's reusable buffer: the result is
         only valid until the next ``scratch`` read (for callers that convert it at once; fresh

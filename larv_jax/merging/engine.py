@@ -19,6 +19,7 @@ import concurrent.futures
 import functools
 import importlib.metadata
 import inspect
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from larv_jax import tree
-from larv_jax.arrays import empty_like_order
+from larv_jax.arrays import empty_like_order, is_swapped, memory_order
 
 Flat = dict[str, np.ndarray]
 
@@ -66,7 +67,7 @@ class TaskVectors(Mapping):
     fresh = True
 
     def __init__(self, base: Any, models: Sequence[Any], paths: Sequence[str], *,
-                 reuse_buffers: bool = False):
+                 reuse_buffers: bool = False, read_ahead_bytes: int = 256 << 20):
         if not models:
             raise ValueError("no fine-tuned models given (models is empty)")
         self.base = base
@@ -78,7 +79,8 @@ class TaskVectors(Mapping):
         self._checked: set[str] = set()
         self.reuse_buffers = reuse_buffers
         self._pools = {"stack": np.empty(0, np.float32), "sum": np.empty(0, np.float32)}
-        self._ahead: tuple[str, concurrent.futures.Future] | None = None
+        self._ahead: dict[str, concurrent.futures.Future] = {}
+        self.read_ahead_bytes = read_ahead_bytes
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -100,91 +102,149 @@ class TaskVectors(Mapping):
             self._pools[name] = np.empty(size, np.float32)
         return empty_like_order(shape, like, pool=self._pools[name])
 
-    def _taus(self, path: str, dest) -> Iterator[int]:
-        """Write ``tau_k`` of one leaf into ``dest(k)`` for each task, yielding ``k`` after each.
-
-        The base leaf is read in the source's memory order (``native``: [out, in] for HF
-        kernels) and ``dest`` takes that order too, so every read is a plain copy and the merged
-        delta keeps it. Shapes are checked and, on a leaf's first read, values are finite.
-        """
-        t0 = time.perf_counter()
+    def _prepare(self, path: str) -> tuple[np.ndarray, bool, list[list] | None]:
+        """``(base leaf in native order, check, raw layouts or None)`` for one read of ``path``;
+        shapes checked against the base."""
         check = path not in self._checked
         b = _read(self.base, path, check, native=True)
-        for k, m in enumerate(self.models):
+        for m in self.models:
             shape_k = tuple(m.shape(path)) if hasattr(m, "shape") else b.shape
             if shape_k != b.shape:
                 raise ValueError(f"{_name(m)}: {path!r} has shape {shape_k}; the base "
                                  f"{_name(self.base)} has {b.shape}")
-            out = dest(k, b)
-            _read(m, path, check, out=out)   # straight into place: no per-model copy
-            np.subtract(out, b, out=out)
-            yield k
-        self._checked.add(path)
-        self.read_s += time.perf_counter() - t0
+        return b, check, self._raw_layouts(path, b)
+
+    def _raw_layouts(self, path: str, b: np.ndarray) -> list[list] | None:
+        """Every model's stored float32 spans of ``path`` when they are, concatenated, the leaf
+        in ``b``'s memory order (:meth:`larv_jax.checkpoint.Checkpoint.raw_layout`); else None
+        (then each model's :meth:`leaf` read converts)."""
+        swapped = is_swapped(b)
+        if b.dtype != np.float32 or not (swapped or b.flags.c_contiguous):
+            return None
+        layouts = []
+        for m in self.models:
+            get = getattr(m, "raw_layout", None)
+            lay = get(path) if get is not None else None
+            if lay is None or lay[1] != swapped:
+                return None
+            layouts.append(lay[0])
+        return layouts
+
+    def _chunks(self, path: str, b: np.ndarray, check: bool, layouts: list[list],
+                target) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """:func:`_raw_chunks` (tau chunks, read and base-subtracted in cache) with the
+        finiteness check of a first read done on each chunk while it is in cache."""
+        b_mem = memory_order(b)[0].reshape(-1)
+        for k, lo, hi, x in _raw_chunks(b_mem, layouts, target):
+            if check and not np.isfinite(np.sum(x, dtype=np.float64)):
+                self._raise_nonfinite(path, b)
+            yield k, lo, hi, x
+
+    def _raise_nonfinite(self, path: str, b: np.ndarray) -> None:
+        """Name the model whose leaf has NaN/Inf (a tau chunk was not finite)."""
+        for m in self.models:
+            _read(m, path, True, out=np.empty(b.shape, np.float32))
+        raise ValueError(f"{path!r}: a task vector is not finite (the difference of finite "
+                         "weights overflows float32)")
 
     def __getitem__(self, path: str) -> np.ndarray:
-        stack: list[np.ndarray] = []
-
-        def dest(k, b):
-            if not stack:
-                stack.append(self._buffer("stack", (self.num_tasks, *b.shape), b))
-            return stack[0][k]
-
-        for _ in self._taus(path, dest):
-            pass
-        return stack[0]
+        t0 = time.perf_counter()
+        b, check, layouts = self._prepare(path)
+        stack = self._buffer("stack", (self.num_tasks, *b.shape), b)
+        if layouts is not None:
+            # cache-sized chunks: each piece of tau_k is read, has the base subtracted and is
+            # checked while in cache, instead of three passes over the whole leaf
+            mems = [memory_order(stack[k])[0].reshape(-1) for k in range(self.num_tasks)]
+            for _ in self._chunks(path, b, check, layouts, lambda k, lo, hi: mems[k][lo:hi]):
+                pass
+        else:
+            for k, m in enumerate(self.models):
+                _read(m, path, check, out=stack[k])   # straight into place: no per-model copy
+                np.subtract(stack[k], b, out=stack[k])
+        self._checked.add(path)
+        self.read_s += time.perf_counter() - t0
+        return stack
 
     def task_sum(self, path: str) -> np.ndarray:
         """``sum_k tau_k`` of one leaf, float64, in the base leaf's memory order.
 
-        For the methods that only need the sum (Task Arithmetic, simple averaging, Iso-C): one
-        model leaf at a time goes through a scratch buffer into a float64 accumulator, so no
-        ``[K, ...]`` stack is built. When the methods walk the leaves in order, the next leaf's
-        sum is read in a background thread while the caller works on this one (reading and
-        numpy's kernels release the GIL); at most two sums are alive, and only one is being
-        read at any time (so the scratch buffer is never shared).
+        For the methods that only need the sum (Task Arithmetic, simple averaging, Iso-C): no
+        ``[K, ...]`` stack is built. Checkpoints stored as float32 safetensors are read in
+        cache-sized chunks (:func:`_raw_chunks`: each chunk of the K models is read, has the
+        base subtracted and is added into the float64 accumulator while in cache); others go
+        one model leaf at a time through a scratch buffer. Either way the arithmetic is
+        ``float64(float32(theta_k - theta0))`` summed in task order, as for an in-memory stack.
+        When the methods walk the leaves in order, the following leaves' sums are read in a
+        background thread while the caller works on this one (reading and numpy's kernels
+        release the GIL): up to ``read_ahead_bytes`` of sums ahead (at least one leaf), read one
+        at a time.
         """
-        if self._ahead is not None and self._ahead[0] == path:
-            result = self._ahead[1].result()
-            self._ahead = None
+        fut = self._ahead.pop(path, None)
+        i = self._pos.get(path, -1)
+        for stale in [p for p in self._ahead if self._pos[p] < i]:   # skipped by the caller
+            del self._ahead[stale]
+        if fut is not None:
+            result = fut.result()
         else:
-            if self._ahead is not None:       # out of order: let the read-ahead finish first
-                concurrent.futures.wait([self._ahead[1]])
-                self._ahead = None
+            if self._ahead:                   # out of order: let the read-ahead finish first
+                concurrent.futures.wait(list(self._ahead.values()))
+                self._ahead.clear()
             result = self._task_sum(path)
-        i = self._pos.get(path)
-        if i is not None and i + 1 < len(self.paths):
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="larv-read-ahead")
-            nxt = self.paths[i + 1]
-            self._ahead = (nxt, self._executor.submit(self._task_sum, nxt))
+        self._read_ahead(path)
         return result
 
+    def _read_ahead(self, path: str) -> None:
+        i = self._pos.get(path)
+        if i is None:
+            return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="larv-read-ahead")
+        shape = getattr(self.base, "shape", None)
+        total = 0
+        for nxt in self.paths[i + 1:]:
+            size = (8 * int(np.prod(shape(nxt), dtype=np.int64)) if shape is not None
+                    else self.read_ahead_bytes)
+            if nxt not in self._ahead:
+                if self._ahead and total + size > self.read_ahead_bytes:
+                    break
+                self._ahead[nxt] = self._executor.submit(self._task_sum, nxt)
+            total += size
+            if total >= self.read_ahead_bytes:
+                break
+
     def _task_sum(self, path: str) -> np.ndarray:
-        scratch: list[np.ndarray] = []
-
-        def dest(k, b):
-            if not scratch:
-                scratch.append(self._buffer("sum", b.shape, b))
-                # fresh: the caller keeps it (reused accumulators measured slower)
-                scratch.append(empty_like_order(b.shape, b, np.float64))
-            return scratch[0]
-
-        for k in self._taus(path, dest):
-            buf, acc = scratch
-            if k == 0:
-                np.copyto(acc, buf)
-            else:
-                np.add(acc, buf, out=acc)
-        return scratch[1]
+        t0 = time.perf_counter()
+        b, check, layouts = self._prepare(path)
+        acc = empty_like_order(b.shape, b, np.float64)  # fresh: the caller keeps it
+        if layouts is not None:
+            acc_mem = memory_order(acc)[0].reshape(-1)
+            buf = np.empty(min(_CHUNK, max(b.size, 1)), np.float32)
+            for k, lo, hi, x in self._chunks(path, b, check, layouts,
+                                             lambda k, lo, hi: buf[:hi - lo]):
+                if k == 0:
+                    np.copyto(acc_mem[lo:hi], x)
+                else:
+                    np.add(acc_mem[lo:hi], x, out=acc_mem[lo:hi])
+        else:
+            buf = self._buffer("sum", b.shape, b)
+            for k, m in enumerate(self.models):
+                _read(m, path, check, out=buf)
+                np.subtract(buf, b, out=buf)
+                if k == 0:
+                    np.copyto(acc, buf)
+                else:
+                    np.add(acc, buf, out=acc)
+        self._checked.add(path)
+        self.read_s += time.perf_counter() - t0
+        return acc
 
     def close(self) -> None:
         """Stop the read-ahead thread (also done when the object is collected)."""
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-            self._ahead = None
+            self._ahead.clear()
 
     def __del__(self) -> None:
         ex = getattr(self, "_executor", None)
@@ -195,6 +255,59 @@ class TaskVectors(Mapping):
     def buffers(self) -> list[np.ndarray]:
         """The reused memory (empty unless ``reuse_buffers``)."""
         return [p for p in self._pools.values() if p.size]
+
+
+_CHUNK = 1 << 16   # float32 elements per chunk: 256 KiB, with its base and sum pieces in L2
+
+
+def _raw_chunks(b_mem: np.ndarray, layouts: Sequence[Sequence[tuple[Path, int, int]]],
+                target: Callable[[int, int, int], np.ndarray]
+                ) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """Stream K stored leaves chunk by chunk: for each chunk ``[lo, hi)`` of the leaf's memory
+    and each model k, read the model's bytes into ``x = target(k, lo, hi)`` (a float32 array of
+    ``hi - lo`` elements), subtract ``b_mem[lo:hi]`` in place and yield ``(k, lo, hi, x)``.
+
+    ``b_mem``: the base leaf, 1-D in memory order; ``layouts[k]``: model k's
+    ``[(file, byte offset, element count)]`` spans (:meth:`Checkpoint.raw_layout`), the same
+    counts for every model. One ``preadv`` per chunk and model into memory that stays in cache
+    for the subtraction and whatever the caller does with ``x``: measured on the 2-core VM, the
+    sum of eight 113 MB leaves takes 0.28 s this way against 0.92 s for whole-leaf passes.
+    """
+    fds: dict[Path, int] = {}
+    try:
+        for lay in layouts:
+            for file, _, _ in lay:
+                if file not in fds:
+                    fds[file] = os.open(file, os.O_RDONLY)
+        start = 0
+        for j, (_, _, count) in enumerate(layouts[0]):
+            for s in range(0, count, _CHUNK):
+                e = min(count, s + _CHUNK)
+                lo, hi = start + s, start + e
+                base_piece = b_mem[lo:hi]
+                for k, lay in enumerate(layouts):
+                    file, offset, _ = lay[j]
+                    x = target(k, lo, hi)
+                    _pread(fds[file], x, offset + 4 * s, file)
+                    np.subtract(x, base_piece, out=x)
+                    yield k, lo, hi, x
+            start += count
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _pread(fd: int, out: np.ndarray, offset: int, file: Path) -> None:
+    """Fill ``out`` (contiguous) from ``fd`` at byte ``offset``; short reads retried, EOF an
+    error naming the file."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < view.nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise ValueError(f"{file}: truncated (a tensor's bytes end before byte "
+                             f"{offset + view.nbytes})")
+        done += n
 
 
 def _read(ckpt: Any, path: str, check: bool, out: np.ndarray | None = None,
