@@ -198,3 +198,18 @@ def test_inspect_reports_architecture(hf_clip, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["model"] == "CLIPModel"
     assert info["num_params"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
+def test_param_shapes_from_the_config_match_the_flax_init(preset):
+    """The closed-form shapes the checkpoint reader uses (no jax) against the module's own
+    abstract init, for the preset, its vision tower, a projected vision tower and a model
+    without projections, in the same (sorted) order."""
+    from larv_jax.models.config import get_preset, param_shapes
+
+    cfg = get_preset(preset)
+    for c in (cfg, cfg.vision_only(), dataclasses.replace(cfg, text=None),
+              dataclasses.replace(cfg, embed_dim=None)):
+        want = {p: tuple(s.shape) for p, s in tree.flatten(abstract_params(c)).items()}
+        got = param_shapes(c)
+        assert list(got.items()) == list(want.items())

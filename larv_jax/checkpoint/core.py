@@ -316,10 +316,8 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
 
 @functools.lru_cache(maxsize=16)
 def _leaf_shapes(config: CLIPConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Flax leaf shapes of a config (an abstract ``init``: ~0.1 s, done once per config)."""
-    from larv_jax.models.clip import abstract_params
-
-    return tuple((p, tuple(s.shape)) for p, s in tree.flatten(abstract_params(config)).items())
+    """Flax leaf shapes of a config (:func:`larv_jax.models.config.param_shapes`), in path order."""
+    return tuple(cfgmod.param_shapes(config).items())
 
 
 def load_params(path: str | Path, **kw) -> tuple[CLIPConfig, dict[str, Any]]:

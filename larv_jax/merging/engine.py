@@ -165,35 +165,38 @@ class TaskVectors(Mapping):
         self.read_s += time.perf_counter() - t0
         return stack
 
-    def task_sum(self, path: str) -> np.ndarray:
-        """``sum_k tau_k`` of one leaf, float64, in the base leaf's memory order.
+    def task_sum(self, path: str, scale: float | None = None) -> np.ndarray:
+        """``sum_k tau_k`` of one leaf, float64, in the base leaf's memory order; with ``scale``,
+        ``float32(scale * sum_k tau_k)`` (the product taken in float64, rounded once).
 
         For the methods that only need the sum (Task Arithmetic, simple averaging, Iso-C): no
         ``[K, ...]`` stack is built. Checkpoints stored as float32 safetensors are read in
         cache-sized chunks (:func:`_raw_chunks`: each chunk of the K models is read, has the
-        base subtracted and is added into the float64 accumulator while in cache); others go
+        base subtracted and is added into a float64 accumulator while in cache, and with
+        ``scale`` it is scaled and rounded there too, so no float64 leaf is made); others go
         one model leaf at a time through a scratch buffer. Either way the arithmetic is
         ``float64(float32(theta_k - theta0))`` summed in task order, as for an in-memory stack.
-        When the methods walk the leaves in order, the following leaves' sums are read in a
+        When the methods walk the leaves in order, the following leaves are read in a
         background thread while the caller works on this one (reading and numpy's kernels
-        release the GIL): up to ``read_ahead_bytes`` of sums ahead (at least one leaf), read one
-        at a time.
+        release the GIL): up to ``read_ahead_bytes`` of results ahead (at least one leaf), read
+        one at a time.
         """
-        fut = self._ahead.pop(path, None)
+        key = (path, scale)
+        fut = self._ahead.pop(key, None)
         i = self._pos.get(path, -1)
-        for stale in [p for p in self._ahead if self._pos[p] < i]:   # skipped by the caller
-            del self._ahead[stale]
+        for stale in [a for a in self._ahead if a[1] != scale or self._pos[a[0]] < i]:
+            del self._ahead[stale]                 # skipped by the caller, or another scale
         if fut is not None:
             result = fut.result()
         else:
             if self._ahead:                   # out of order: let the read-ahead finish first
                 concurrent.futures.wait(list(self._ahead.values()))
                 self._ahead.clear()
-            result = self._task_sum(path)
-        self._read_ahead(path)
+            result = self._task_sum(path, scale)
+        self._read_ahead(path, scale)
         return result
 
-    def _read_ahead(self, path: str) -> None:
+    def _read_ahead(self, path: str, scale: float | None) -> None:
         i = self._pos.get(path)
         if i is None:
             return
@@ -201,32 +204,41 @@ class TaskVectors(Mapping):
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="larv-read-ahead")
         shape = getattr(self.base, "shape", None)
+        item = 8 if scale is None else 4
         total = 0
         for nxt in self.paths[i + 1:]:
-            size = (8 * int(np.prod(shape(nxt), dtype=np.int64)) if shape is not None
+            size = (item * int(np.prod(shape(nxt), dtype=np.int64)) if shape is not None
                     else self.read_ahead_bytes)
-            if nxt not in self._ahead:
+            if (nxt, scale) not in self._ahead:
                 if self._ahead and total + size > self.read_ahead_bytes:
                     break
-                self._ahead[nxt] = self._executor.submit(self._task_sum, nxt)
+                self._ahead[(nxt, scale)] = self._executor.submit(self._task_sum, nxt, scale)
             total += size
             if total >= self.read_ahead_bytes:
                 break
 
-    def _task_sum(self, path: str) -> np.ndarray:
+    def _task_sum(self, path: str, scale: float | None = None) -> np.ndarray:
         t0 = time.perf_counter()
         b, check, layouts = self._prepare(path)
-        acc = empty_like_order(b.shape, b, np.float64)  # fresh: the caller keeps it
+        # fresh: the caller keeps it
+        out = empty_like_order(b.shape, b, np.float64 if scale is None else np.float32)
         if layouts is not None:
-            acc_mem = memory_order(acc)[0].reshape(-1)
-            buf = np.empty(min(_CHUNK, max(b.size, 1)), np.float32)
+            out_mem = memory_order(out)[0].reshape(-1)
+            n = min(_CHUNK, max(b.size, 1))
+            buf = np.empty(n, np.float32)
+            acc = None if scale is None else np.empty(n, np.float64)
+            last = self.num_tasks - 1
             for k, lo, hi, x in self._chunks(path, b, check, layouts,
                                              lambda k, lo, hi: buf[:hi - lo]):
+                a = out_mem[lo:hi] if acc is None else acc[:hi - lo]
                 if k == 0:
-                    np.copyto(acc_mem[lo:hi], x)
+                    np.copyto(a, x)
                 else:
-                    np.add(acc_mem[lo:hi], x, out=acc_mem[lo:hi])
+                    np.add(a, x, out=a)
+                if acc is not None and k == last:
+                    np.multiply(a, scale, out=out_mem[lo:hi], casting="unsafe")
         else:
+            acc = out if scale is None else empty_like_order(b.shape, b, np.float64)
             buf = self._buffer("sum", b.shape, b)
             for k, m in enumerate(self.models):
                 _read(m, path, check, out=buf)
@@ -235,9 +247,11 @@ class TaskVectors(Mapping):
                     np.copyto(acc, buf)
                 else:
                     np.add(acc, buf, out=acc)
+            if scale is not None:
+                np.multiply(acc, scale, out=out, casting="unsafe")
         self._checked.add(path)
         self.read_s += time.perf_counter() - t0
-        return acc
+        return out
 
     def close(self) -> None:
         """Stop the read-ahead thread (also done when the object is collected)."""

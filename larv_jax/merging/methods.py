@@ -75,16 +75,24 @@ def _scaled(d: np.ndarray, scale: float) -> np.ndarray:
     return (np.float32(scale) * d).astype(np.float32)
 
 
-def _task_sums(tv: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+def _task_sums(tv: Mapping[str, Any], scale: float | None = None
+               ) -> Iterator[tuple[str, np.ndarray]]:
     """``(path, sum_k tau_k)`` in float64, one leaf at a time, summed in task order (the same
-    arithmetic for an in-memory stack and for a streaming loader's ``task_sum``)."""
+    arithmetic for an in-memory stack and for a streaming loader's ``task_sum``). With ``scale``:
+    ``float32(scale * sum)``, the float64 product rounded once (a streaming loader then makes
+    no float64 leaf)."""
     task_sum = getattr(tv, "task_sum", None)
     if task_sum is not None:
         for path in tv:
-            yield path, task_sum(path)
+            yield path, (task_sum(path) if scale is None else task_sum(path, scale))
         return
     for path, t in _items(tv):
-        yield path, t.sum(axis=0, dtype=np.float64)
+        m = t.sum(axis=0, dtype=np.float64)
+        if scale is not None:
+            d = np.empty_like(m, dtype=np.float32)          # keeps m's memory order
+            np.multiply(m, scale, out=d, casting="unsafe")
+            m = d
+        yield path, m
 
 
 def num_tasks(task_vectors: Mapping[str, Any]) -> int:
@@ -183,13 +191,8 @@ def task_arithmetic(task_vectors: Mapping[str, Any], *, scale: float | None = 0.
     _check_scale("scale", scale)
     tv, nested = _flat(task_vectors)
     lam = 1.0 / num_tasks(tv) if scale is None else scale
-    delta = {}
-    for path, m in _task_sums(tv):
-        # lam * m in float64, rounded once into the float32 result: no float64 temporary
-        d = np.empty_like(m, dtype=np.float32)          # keeps m's memory order
-        np.multiply(m, lam, out=d, casting="unsafe")
-        delta[path] = d
-    return _out(delta, nested)
+    # lam * sum in float64, rounded once into the float32 result
+    return _out(dict(_task_sums(tv, float(lam))), nested)
 
 
 simple_average = functools.partial(task_arithmetic, scale=None)

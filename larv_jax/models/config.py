@@ -87,6 +87,44 @@ HF_IDS = {
 }
 
 
+def param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``CLIP(config)``'s Flax parameters, ``{path: shape}`` sorted by path, computed
+    from the config alone: no jax import and no abstract ``init`` (a merge that never runs the
+    model starts 0.5 s sooner). ``tests/test_models_parity.py`` holds it equal to
+    :func:`larv_jax.models.clip.abstract_params` for every preset and its variants."""
+    out: dict[str, tuple[int, ...]] = {}
+
+    def tower(prefix: str, cfg: TowerConfig) -> None:
+        b, w, m = cfg.layers, cfg.width, cfg.mlp_dim
+        blocks = f"{prefix}/transformer/resblocks"
+        for name in ("query", "key", "value", "out"):
+            out[f"{blocks}/attn/{name}/kernel"] = (b, w, w)
+            out[f"{blocks}/attn/{name}/bias"] = (b, w)
+        for name in ("ln_1", "ln_2"):
+            out[f"{blocks}/{name}/scale"] = out[f"{blocks}/{name}/bias"] = (b, w)
+        out[f"{blocks}/mlp/c_fc/kernel"], out[f"{blocks}/mlp/c_fc/bias"] = (b, w, m), (b, m)
+        out[f"{blocks}/mlp/c_proj/kernel"], out[f"{blocks}/mlp/c_proj/bias"] = (b, m, w), (b, w)
+        if config.embed_dim is not None:
+            out[f"{prefix}/proj/kernel"] = (w, config.embed_dim)
+
+    v = config.vision
+    tower("visual", v)
+    out["visual/class_embedding"] = (v.width,)
+    out["visual/conv1/kernel"] = (v.patch_size, v.patch_size, v.channels, v.width)
+    out["visual/positional_embedding"] = (v.num_positions, v.width)
+    for name in ("ln_pre", "ln_post"):
+        out[f"visual/{name}/scale"] = out[f"visual/{name}/bias"] = (v.width,)
+    t = config.text
+    if t is not None:
+        tower("text", t)
+        out["text/token_embedding/embedding"] = (t.vocab_size, t.width)
+        out["text/positional_embedding"] = (t.context_length, t.width)
+        out["text/ln_final/scale"] = out["text/ln_final/bias"] = (t.width,)
+        if config.embed_dim is not None:
+            out["logit_scale"] = ()
+    return dict(sorted(out.items()))
+
+
 def get_preset(name: str) -> CLIPConfig:
     try:
         return PRESETS[name]
