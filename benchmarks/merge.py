@@ -2,12 +2,14 @@
 
     python benchmarks/merge.py            # ViT-B/32 vision tower, K = 8, every method (+ SVC)
     python benchmarks/merge.py --quick    # 2 blocks, K = 3, three methods
+    python benchmarks/merge.py --preset ViT-L-14 --tasks 20 --no-svc   # the memory check
 
 Checkpoints are random ``CLIPVisionModel``-shaped safetensors written once with ``save_hf`` into
 ``--workdir`` (base ~ N(0, 0.02), task vectors ~ N(0, 1e-3)). Each method runs the real CLI entry
 point in its own subprocess; wall time and that child's peak RSS (``os.wait4`` rusage) are
-recorded. References: a same-run "read only" child that streams every leaf of the K + 1 inputs
-once (the I/O floor), and FusionBench 0.2.33 on this machine (fixed figures, quoted below).
+recorded. References: a same-run "read only" child that reads every byte of the K + 1 inputs
+once into a 256 KiB buffer (the I/O floor), and FusionBench 0.2.33 on this machine (fixed
+figures, quoted below).
 JSON lines go to ``--out`` (default ``benchmarks/results/merge.jsonl``).
 """
 
@@ -34,7 +36,8 @@ ALL = ["simple_average", "task_arithmetic", "ties", "ties_paper", "dare_task_ari
 SVC_FOR = ["task_arithmetic", "tsv_m", "iso_c", "iso_cts"]
 
 
-def make_zoo(workdir: Path, k: int, layers: int) -> tuple[Path, list[Path]]:
+def make_zoo(workdir: Path, k: int, layers: int, preset: str = "ViT-B-32"
+             ) -> tuple[Path, list[Path]]:
     import numpy as np
 
     from larv_jax import tree
@@ -42,12 +45,12 @@ def make_zoo(workdir: Path, k: int, layers: int) -> tuple[Path, list[Path]]:
     from larv_jax.models.clip import abstract_params
     from larv_jax.models.config import CLIPConfig, get_preset
 
-    v = get_preset("ViT-B-32").vision
+    v = get_preset(preset).vision
     if layers != v.layers:
         import dataclasses
 
         v = dataclasses.replace(v, layers=layers)
-    cfg = CLIPConfig(vision=v, name="ViT-B-32")
+    cfg = CLIPConfig(vision=v, name=preset)
     shapes = {p: s.shape for p, s in tree.flatten(abstract_params(cfg)).items()}
     base_dir = workdir / "base"
     rng = np.random.default_rng(0)
@@ -75,15 +78,12 @@ def child(args) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     t0 = time.perf_counter()
     if args.child == "read_only":
-        import numpy as np
-
-        from larv_jax.checkpoint import load_checkpoint
-
-        cks = [load_checkpoint(p) for p in [args.base, *args.models]]
-        total = 0.0
-        for p in cks[0].paths():
-            for c in cks:
-                total += float(np.sum(c.leaf(p)[..., :1]))
+        # the I/O floor: every byte of the K + 1 safetensors files into one cache-sized buffer
+        buf = bytearray(1 << 18)
+        for d in [args.base, *args.models]:
+            with open(d / "model.safetensors", "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
         print(json.dumps({"wall_s": time.perf_counter() - t0}))
         return
     from larv_jax.cli import main
@@ -120,6 +120,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 blocks, K = 3, three methods")
     ap.add_argument("--tasks", type=int, default=None, help="K (default 8; 3 with --quick)")
+    ap.add_argument("--preset", default="ViT-B-32", choices=["ViT-B-32", "ViT-B-16", "ViT-L-14"],
+                    help="vision tower shapes (default ViT-B-32; FusionBench figures are B/32)")
     ap.add_argument("--methods", nargs="*", default=None, help="default: all (+ SVC variants)")
     ap.add_argument("--no-svc", action="store_true", help="skip the SVC variants")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/larv_merge_bench"))
@@ -133,11 +135,15 @@ def main() -> None:
         child(args)
         return
     k = args.tasks or (3 if args.quick else 8)
-    layers = 2 if args.quick else 12
-    workdir = args.workdir / f"b32_L{layers}_K{k}"
+    from larv_jax.models.config import get_preset
+
+    full = get_preset(args.preset).vision.layers
+    layers = 2 if args.quick else full
+    tag = {"ViT-B-32": "b32", "ViT-B-16": "b16", "ViT-L-14": "l14"}[args.preset]
+    workdir = args.workdir / f"{tag}_L{layers}_K{k}"
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    base, models = make_zoo(workdir, k, layers)
+    base, models = make_zoo(workdir, k, layers, args.preset)
     print(f"zoo ready in {time.perf_counter() - t0:.1f}s: {workdir}", flush=True)
     methods = args.methods or (["task_arithmetic", "ties", "iso_c"] if args.quick else ALL)
     runs = [("read_only", False)] + [(m, False) for m in methods]
@@ -149,17 +155,18 @@ def main() -> None:
 
     for method, svc in runs:
         rec = measure_rss(method, svc, base, models, workdir)
-        ref = FUSIONBENCH_S.get(method) if not svc else None
+        reference = args.preset == "ViT-B-32" and layers == full and k == 8
+        ref = FUSIONBENCH_S.get(method) if not svc and reference else None
         row = {
-            "bench": "merge", "model": "ViT-B-32" if layers == 12 else f"ViT-B-32-L{layers}",
+            "bench": "merge",
+            "model": args.preset if layers == full else f"{args.preset}-L{layers}",
             "K": k, "method": method, "svc": svc, "wall_s": round(rec["wall_s"], 2),
             "process_wall_s": round(rec["process_wall_s"], 2),
             "peak_rss_gb": round(rec["peak_rss_gb"], 3),
             "timings": {a: (round(b, 2) if isinstance(b, float) else b)
                         for a, b in rec.get("timings", {}).items()},
-            "fusionbench_s": ref if layers == 12 and k == 8 else None,
-            "speedup_vs_fusionbench": (round(ref / rec["process_wall_s"], 2)
-                                       if ref and layers == 12 and k == 8 else None),
+            "fusionbench_s": ref,
+            "speedup_vs_fusionbench": round(ref / rec["process_wall_s"], 2) if ref else None,
             "device": f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
             "numpy": np.__version__, "scipy": scipy.__version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
