@@ -84,7 +84,7 @@ def child(args) -> None:
             with open(d / "model.safetensors", "rb", buffering=0) as fh:
                 while fh.readinto(buf):
                     pass
-        print(json.dumps({"wall_s": time.perf_counter() - t0}))
+        print(json.dumps({"wall_s": time.perf_counter() - t0, "vmhwm_gb": _vmhwm_gb()}))
         return
     from larv_jax.cli import main
 
@@ -96,11 +96,27 @@ def child(args) -> None:
     rc = main(argv)
     wall = time.perf_counter() - t0
     report = json.loads((args.workdir / f"out_{args.child}" / "merge_report.json").read_text())
-    print(json.dumps({"rc": rc, "wall_s": wall, "timings": report["timings"]}))
+    print(json.dumps({"rc": rc, "wall_s": wall, "timings": report["timings"],
+                      "vmhwm_gb": _vmhwm_gb()}))
+
+
+def _vmhwm_gb() -> float | None:
+    """This process's peak RSS (``VmHWM``): unlike ``ru_maxrss``, which Linux carries over
+    ``fork`` + ``exec`` from the parent (a driver that has just generated a ViT-L/14 zoo would
+    lend every child its own 3.5 GB), it belongs to this process's own address space."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20       # kB -> GiB
+    except OSError:
+        pass
+    return None
 
 
 def measure_rss(method: str, svc: bool, base: Path, models: list[Path], workdir: Path) -> dict:
-    """Like :func:`measure` but waits with ``os.wait4`` to read this child's own peak RSS."""
+    """Run one method in a fresh child process: its wall time, timings and peak RSS (the
+    child's ``VmHWM``; ``os.wait4``'s ``ru_maxrss`` where /proc is missing)."""
     cmd = [sys.executable, __file__, "--child", method, "--base", str(base), "--workdir",
            str(workdir), "--models", *map(str, models)] + (["--svc"] if svc else [])
     t0 = time.perf_counter()
@@ -112,7 +128,8 @@ def measure_rss(method: str, svc: bool, base: Path, models: list[Path], workdir:
         raise RuntimeError(f"{method} failed:\n{(workdir / 'child.err').read_text()[-3000:]}")
     rec = json.loads((workdir / "child.out").read_text().strip().splitlines()[-1])
     rec["process_wall_s"] = wall            # includes interpreter + jax import
-    rec["peak_rss_gb"] = usage.ru_maxrss / 2**20   # KiB -> GiB
+    # the child's own high-water mark where /proc has it, else rusage (an upper bound)
+    rec["peak_rss_gb"] = rec.get("vmhwm_gb") or usage.ru_maxrss / 2**20   # KiB -> GiB
     return rec
 
 

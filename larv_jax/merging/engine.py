@@ -1,8 +1,9 @@
 """Streaming merge engine: the registry's pure functions run over checkpoints on disk.
 
 Nothing here holds K models: :class:`TaskVectors` is a lazy ``{path: tau [K, ...]}`` mapping that
-reads one Flax leaf of each checkpoint on access (``ckpt.leaf(path)``), subtracts the base leaf and
-hands the ``[K, ...]`` block to the method, which touches one leaf at a time (TIES makes three
+reads one Flax leaf of each checkpoint on access (``ckpt.leaf(path)``, or, for float32
+safetensors, the stored bytes in cache-sized chunks: :func:`_raw_chunks`), subtracts the base leaf
+and hands the ``[K, ...]`` block to the method, which touches one leaf at a time (TIES makes three
 such passes: histogram, bucket gather, merge). Resident memory is therefore about one merged model
 (the delta) plus K copies of the largest leaf.
 
@@ -119,7 +120,8 @@ class TaskVectors(Mapping):
         in ``b``'s memory order (:meth:`larv_jax.checkpoint.Checkpoint.raw_layout`); else None
         (then each model's :meth:`leaf` read converts)."""
         swapped = is_swapped(b)
-        if b.dtype != np.float32 or not (swapped or b.flags.c_contiguous):
+        if (not hasattr(os, "preadv") or b.dtype != np.float32   # no preadv: Windows
+                or not (swapped or b.flags.c_contiguous)):
             return None
         layouts = []
         for m in self.models:
