@@ -216,3 +216,27 @@ def test_chunked_reads_name_the_file_with_nan_and_a_truncated_file(ckpts, tmp_pa
     finally:
         os.close(fd)
     tv.close()
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_read_ahead_survives_skips_rereads_and_scale_changes(ckpts, monkeypatch, raw):
+    """Callers that skip leaves, go back, or switch between sums and scaled sums get the right
+    numbers (the leaf path shares one scratch buffer between the read-ahead and the caller)."""
+    root, base, models = ckpts
+    b = load_checkpoint(root / "base")
+    ms = [load_checkpoint(root / f"m{k}") for k in range(3)]
+    tv = TaskVectors(b, ms, b.paths(), reuse_buffers=True, read_ahead_bytes=1 << 30)
+    if not raw:
+        monkeypatch.setattr(tv, "_raw_layouts", lambda path, leaf: None)
+    order = list(b.paths())
+    calls = [(order[0], None), (order[3], None), (order[1], None), (order[4], 0.5),
+             (order[5], 0.5), (order[6], None), (order[-1], 0.5), (order[2], 0.5)]
+    for p, scale in calls:
+        want = np.sum([(m[p] - base[p]).astype(np.float64) for m in models], axis=0)
+        got = tv.task_sum(p, scale)
+        if scale is None:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=p)
+        else:
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, (want * scale).astype(np.float32), err_msg=p)
+    tv.close()

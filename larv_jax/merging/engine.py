@@ -183,17 +183,18 @@ class TaskVectors(Mapping):
         release the GIL): up to ``read_ahead_bytes`` of results ahead (at least one leaf), read
         one at a time.
         """
-        key = (path, scale)
-        fut = self._ahead.pop(key, None)
+        fut = self._ahead.pop((path, scale), None)
         i = self._pos.get(path, -1)
+        dropped = []                          # skipped by the caller, or made for another scale
         for stale in [a for a in self._ahead if a[1] != scale or self._pos[a[0]] < i]:
-            del self._ahead[stale]                 # skipped by the caller, or another scale
+            dropped.append(self._ahead.pop(stale))
+            dropped[-1].cancel()              # not started yet: never will be
         if fut is not None:
-            result = fut.result()
+            result = fut.result()             # one worker, in order: the dropped ones are done
         else:
-            if self._ahead:                   # out of order: let the read-ahead finish first
-                concurrent.futures.wait(list(self._ahead.values()))
-                self._ahead.clear()
+            # out of order: nothing may still be reading (the leaf path shares a scratch buffer)
+            concurrent.futures.wait(dropped + list(self._ahead.values()))
+            self._ahead.clear()
             result = self._task_sum(path, scale)
         self._read_ahead(path, scale)
         return result
