@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from larv_jax.io import atomic_path, sha256_file
+from larv_jax.io import atomic_path, read_json, sha256_file
 from larv_jax.zoo import images as im
 from larv_jax.zoo.tasks import QUICK_TASKS, ZOO_TASKS, get_zoo_task
 
@@ -355,10 +355,4 @@ def _versions() -> dict[str, str]:
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
-    path = root / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no zoo manifest (build one with `larv zoo build`)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return read_json(root / MANIFEST, missing="no zoo manifest (build one with `larv zoo build`)")
