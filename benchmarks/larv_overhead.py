@@ -34,10 +34,8 @@ from pathlib import Path
 def make_checkpoints(workdir: Path, preset: str, tasks: int, quick: bool) -> tuple[Path, list]:
     import numpy as np
 
-    from larv_jax import tree as ltree
     from larv_jax.checkpoint import save_hf
-    from larv_jax.models.clip import abstract_params
-    from larv_jax.models.config import CLIPConfig, VisionConfig, get_preset
+    from larv_jax.models.config import CLIPConfig, VisionConfig, get_preset, param_shapes
 
     if quick:
         cfg = CLIPConfig(vision=VisionConfig(width=128, layers=2, heads=2, mlp_dim=512,
@@ -51,7 +49,7 @@ def make_checkpoints(workdir: Path, preset: str, tasks: int, quick: bool) -> tup
     if (root / "done").exists():
         return base_dir, model_dirs
     rng = np.random.default_rng(0)
-    shapes = {p: s.shape for p, s in ltree.flatten(abstract_params(cfg)).items()}
+    shapes = param_shapes(cfg)
     base = {p: (rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)) for p, s in
             shapes.items()}
     save_hf(base, cfg, base_dir)

@@ -40,10 +40,8 @@ def make_zoo(workdir: Path, k: int, layers: int, preset: str = "ViT-B-32"
              ) -> tuple[Path, list[Path]]:
     import numpy as np
 
-    from larv_jax import tree
     from larv_jax.checkpoint import save_hf
-    from larv_jax.models.clip import abstract_params
-    from larv_jax.models.config import CLIPConfig, get_preset
+    from larv_jax.models.config import CLIPConfig, get_preset, param_shapes
 
     v = get_preset(preset).vision
     if layers != v.layers:
@@ -51,7 +49,7 @@ def make_zoo(workdir: Path, k: int, layers: int, preset: str = "ViT-B-32"
 
         v = dataclasses.replace(v, layers=layers)
     cfg = CLIPConfig(vision=v, name=preset)
-    shapes = {p: s.shape for p, s in tree.flatten(abstract_params(cfg)).items()}
+    shapes = param_shapes(cfg)
     base_dir = workdir / "base"
     rng = np.random.default_rng(0)
     if not (base_dir / "model.safetensors").exists():

@@ -16,7 +16,6 @@ Every expected key must be present and every present key used: a missing or unex
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Mapping
@@ -181,7 +180,7 @@ class Checkpoint:
     # -- construction ---------------------------------------------------------------------------
     @cached_property
     def _expected(self) -> dict[str, tuple[int, ...]]:
-        return dict(_leaf_shapes(self.config))
+        return cfgmod.param_shapes(self.config)
 
     def _build_index(self, rows, keys: set[str], ignored) -> dict[str, list[tuple[str, str]]]:
         expected = self._expected
@@ -312,12 +311,6 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
         raise ValueError(f"{weights}: unknown checkpoint format (expected a directory, "
                          ".safetensors, or .pt/.bin)")
     return Checkpoint(source, config, path)
-
-
-@functools.lru_cache(maxsize=16)
-def _leaf_shapes(config: CLIPConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Flax leaf shapes of a config (:func:`larv_jax.models.config.param_shapes`), in path order."""
-    return tuple(cfgmod.param_shapes(config).items())
 
 
 def load_params(path: str | Path, **kw) -> tuple[CLIPConfig, dict[str, Any]]:
