@@ -3,7 +3,9 @@
     python benchmarks/forward.py [--preset ViT-B-32] [--batch-sizes 32] [--iters 5] [--quick]
 
 Random weights, float32, the same architecture on both sides (a CLIPVisionConfig with the
-preset's sizes). Flax: compile (first call: trace + XLA compile + run) is timed apart from the
+preset's sizes). Two Flax rows: ``flax-float32`` runs every token through every block, as torch
+does; ``flax-float32-pooled`` is ``encode_image(tokens=False)``, the last block for the class
+token only (the same pooled output; what ``larv eval`` runs). Flax: compile (first call: trace + XLA compile + run) is timed apart from the
 steady state (``block_until_ready``); torch: one warm-up call (``compile_s``), then the steady
 state under ``inference_mode``. Steady-state calls alternate between the implementations
 (round-robin) so that load from other processes affects all alike. Reports images/second (median
@@ -22,8 +24,11 @@ import time
 from pathlib import Path
 
 
-def setup_flax(preset: str, batch: int, dtype: str):
-    """-> (compile seconds, step fn returning after block_until_ready, info)."""
+def setup_flax(preset: str, batch: int, dtype: str, tokens: bool = True):
+    """-> (compile seconds, step fn returning after block_until_ready, info).
+
+    ``tokens=False``: ``encode_image(tokens=False)``, the last block for the class token only
+    (what the zero-shot scorer runs); ``True``: every token through every block, like torch."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -36,13 +41,14 @@ def setup_flax(preset: str, batch: int, dtype: str):
     params = split_vision(init_params(cfg))
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     model = CLIP(cfg, dtype=dt)
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIP.encode_image)["pooled"])
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, tokens,
+                                           method=CLIP.encode_image)["pooled"])
     x = jnp.asarray(np.random.default_rng(0).standard_normal(
         (batch, cfg.vision.image_size, cfg.vision.image_size, 3), np.float32))
     t0 = time.perf_counter()
     fwd(params, x).block_until_ready()
     compile_s = time.perf_counter() - t0
-    info = {"impl": f"flax-{dtype}", "device": str(jax.devices()[0].device_kind),
+    info = {"impl": f"flax-{dtype}" + ("" if tokens else "-pooled"), "device": str(jax.devices()[0].device_kind),
             "jax": jax.__version__}
     return compile_s, lambda: fwd(params, x).block_until_ready(), info
 
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in batches:
         impls = [setup_torch(args.preset, b)]
-        impls += [setup_flax(args.preset, b, dt) for dt in args.dtypes.split(",")]
+        impls += [setup_flax(args.preset, b, dt, tokens) for dt in args.dtypes.split(",")
+                  for tokens in (True, False)]
         times: list[list[float]] = [[] for _ in impls]
         for _ in range(iters):  # round-robin, so load from other processes hits all alike
             for k, (_, step, _) in enumerate(impls):

@@ -80,6 +80,27 @@ def test_vision_model_parity(hf_vision):
                                atol=1e-4)
 
 
+def test_class_token_only_last_block_matches_torch_and_the_full_forward(hf_clip):
+    """``encode_image(tokens=False)`` runs the last block for the class token alone: the same
+    pooled output and embeddings as the full forward (and as transformers), no ``tokens``."""
+    path, model = hf_clip
+    cfg, params = load_params(path)
+    images, _ = random_inputs(seed=6)
+    x = jnp.asarray(images.transpose(0, 2, 3, 1))
+    enc = lambda tokens: CLIP(cfg).apply({"params": params}, x, tokens,  # noqa: E731
+                                         method=CLIP.encode_image)
+    full, short = enc(True), enc(False)
+    assert set(short) == {"pooled", "embeds"} and "tokens" in full
+    with torch.no_grad():
+        ref = model.vision_model(pixel_values=torch.from_numpy(images)).pooler_output.numpy()
+    np.testing.assert_allclose(np.asarray(short["pooled"]), ref, atol=1e-4)
+    for k in ("pooled", "embeds"):  # the class token's arithmetic is the same, op for op
+        np.testing.assert_allclose(np.asarray(short[k]), np.asarray(full[k]), rtol=1e-6,
+                                   atol=1e-6, err_msg=k)
+    # not vacuous: the pooled features depend on the image
+    assert np.abs(np.asarray(short["pooled"][0] - short["pooled"][1])).max() > 1e-2
+
+
 def test_stacked_layout(hf_vision):
     path, model = hf_vision
     flat = load_checkpoint(path).flat()

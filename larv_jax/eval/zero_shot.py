@@ -56,8 +56,8 @@ def get_score_fn(vision_config: CLIPConfig, dtype: Any = jnp.float32) -> Callabl
     @jax.jit
     def score(vision_params, proj, head, class_valid, images):
         TRACE_COUNTS[key] += 1
-        pooled = model.apply({"params": vision_params}, images.astype(dtype),
-                             method=CLIP.encode_image)["pooled"]
+        pooled = model.apply({"params": vision_params}, images.astype(dtype), False,
+                             method=CLIP.encode_image)["pooled"]  # class token only
         feats = pooled.astype(jnp.float32) @ proj.astype(jnp.float32)
         feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
         logits = 100.0 * feats @ head.T

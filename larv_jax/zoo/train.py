@@ -140,8 +140,8 @@ def _logits_fn(config: CLIPConfig):
     model = CLIP(config.vision_only())
 
     def logits(vparams, proj, head, valid, images):
-        pooled = model.apply({"params": vparams}, normalize(images),
-                             method=CLIP.encode_image)["pooled"]
+        pooled = model.apply({"params": vparams}, normalize(images), False,
+                             method=CLIP.encode_image)["pooled"]  # class token only
         out = 100.0 * _unit(pooled @ proj) @ head.T
         return jnp.where(valid[None, :], out, -1e9)
 
