@@ -81,3 +81,39 @@ def test_cli_errors(clip_dir, tmp_path, capsys):
     assert main(base + ["--tasks", "mnist,dtd", "--finetuned", str(clip_dir)]) == 1
     assert "--finetuned" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_bfloat16_eval(clip_dir, tmp_path):
+    """``--dtype bfloat16`` (float32 accumulation): runs end to end under the default dtype
+    promotion and agrees with the float32 run on these 2 x 12 images up to a prediction flip
+    per task. Its heads are the float32 ones (the text tower runs once per task, in float32),
+    shared through the cache; a head computed in bfloat16 gets its own cache entry."""
+    import jax
+
+    from larv_jax.eval.heads import cached_head
+
+    heads = tmp_path / "heads"
+    reports = {}
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE), \
+            jax.numpy_dtype_promotion("standard"):
+        for dt in ("float32", "bfloat16"):
+            argv = ["eval", "--clip", str(clip_dir), "--tasks", "pcam,mnist", "--limit", "12",
+                    "--batch-size", "8", "--threads", "1", "--dtype", dt, "--heads-cache",
+                    str(heads), "--out", str(tmp_path / dt)]
+            assert main(argv) == 0
+            reports[dt] = json.loads((tmp_path / dt / "eval.json").read_text())
+    names = sorted(p.name for p in heads.rglob("*.npz"))
+    assert len(names) == 2 and not any("bfloat16" in n for n in names), names
+    cfg, params = load_params(clip_dir)
+    tok = load_tokenizer(clip_dir, cfg.text.context_length)
+    with jax.numpy_dtype_promotion("standard"):
+        h16 = cached_head(params, cfg, tok, "t", ["a cat", "a dog"], ["{}."], cache_dir=heads,
+                          dtype=jax.numpy.bfloat16)
+        h32 = cached_head(params, cfg, tok, "t", ["a cat", "a dog"], ["{}."], cache_dir=heads)
+    assert len(list(heads.rglob("t-*-bfloat16.npz"))) == 1 and len(list(heads.rglob("t-*.npz"))) == 2
+    assert not np.array_equal(h16, h32)  # two computations, not one served twice
+    np.testing.assert_allclose(h16, h32, atol=2e-2)
+    for t in ("pcam", "mnist"):
+        f32, b16 = (reports[d]["clean"]["tasks"][t] for d in ("float32", "bfloat16"))
+        assert b16["n"] == f32["n"] == 12
+        assert abs(b16["top1"] - f32["top1"]) <= 1 / 12 + 1e-9, (t, f32, b16)

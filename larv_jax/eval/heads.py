@@ -2,7 +2,8 @@
 
 For class c with templates t_1..t_T: e_ct = proj(pooler(text(t_j(c)))), head_c =
 normalize(mean_j normalize(e_ct)). Heads are ``[C, E]`` float32 and are cached per (text-tower
-fingerprint, task prompts) as ``<cache_dir>/<fingerprint>/<task>-<prompts hash>.npz``.
+fingerprint, task prompts) as ``<cache_dir>/<fingerprint>/<task>-<prompts hash>.npz``
+(``...-bfloat16.npz`` for heads computed in bfloat16).
 """
 
 from __future__ import annotations
@@ -108,7 +109,11 @@ def cached_head(clip_params: Mapping[str, Any], config: CLIPConfig, tokenizer: T
         return zero_shot_head(clip_params, config, tokenizer, classnames, templates,
                               batch_size=batch_size, dtype=dtype)
     fingerprint = fingerprint or model_fingerprint(clip_params)
-    path = Path(cache_dir) / fingerprint / f"{task_name}-{_prompts_hash(classnames, templates)}.npz"
+    # heads computed in another dtype are other numbers: the dtype is part of the key (float32
+    # keeps the plain name)
+    tag = "" if jnp.dtype(dtype) == jnp.float32 else f"-{jnp.dtype(dtype).name}"
+    path = (Path(cache_dir) / fingerprint
+            / f"{task_name}-{_prompts_hash(classnames, templates)}{tag}.npz")
     if path.exists():
         with np.load(path) as z:
             head = z["head"]
