@@ -2,15 +2,17 @@
 
     python benchmarks/forward.py [--preset ViT-B-32] [--batch-sizes 32] [--iters 5] [--quick]
 
-Random weights, float32, the same architecture on both sides (a CLIPVisionConfig with the
-preset's sizes). Two Flax rows: ``flax-float32`` runs every token through every block, as torch
-does; ``flax-float32-pooled`` is ``encode_image(tokens=False)``, the last block for the class
-token only (the same pooled output; what ``larv eval`` runs). Flax: compile (first call: trace + XLA compile + run) is timed apart from the
-steady state (``block_until_ready``); torch: one warm-up call (``compile_s``), then the steady
-state under ``inference_mode``. Steady-state calls alternate between the implementations
+Random weights, the same architecture on both sides (a CLIPVisionConfig with the preset's
+sizes), float32 by default (``--dtypes float32,bfloat16`` adds torch and Flax in bfloat16; Flax
+accumulates bf16 products in float32). Per dtype, two Flax rows: ``flax-<dtype>`` runs every
+token through every block, as torch does; ``flax-<dtype>-pooled`` is
+``encode_image(tokens=False)``, the last block for the class token only (the same pooled output;
+what ``larv eval`` runs). Flax: compile (first call: trace + XLA compile + run) is timed apart
+from the steady state (``block_until_ready``); torch: one warm-up call (``compile_s``), then the
+steady state under ``inference_mode``. Steady-state calls alternate between the implementations
 (round-robin) so that load from other processes affects all alike. Reports images/second (median
-and best over ``--iters`` calls) and the Flax/torch ratios; one JSON line per (implementation,
-batch size) appended to ``--out``.
+and best over ``--iters`` calls) and the Flax/torch ratios against torch in the same dtype; one
+JSON line per (implementation, batch size) appended to ``--out``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def setup_flax(preset: str, batch: int, dtype: str, tokens: bool = True):
     t0 = time.perf_counter()
     fwd(params, x).block_until_ready()
     compile_s = time.perf_counter() - t0
-    info = {"impl": f"flax-{dtype}" + ("" if tokens else "-pooled"), "device": str(jax.devices()[0].device_kind),
-            "jax": jax.__version__}
+    info = {"impl": f"flax-{dtype}" + ("" if tokens else "-pooled"),
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
     return compile_s, lambda: fwd(params, x).block_until_ready(), info
 
 
