@@ -237,44 +237,46 @@ def test_param_shapes_from_the_config_match_the_flax_init(preset):
 
 
 def test_bfloat16_products_accumulate_in_float32():
-    """``dot_general_for(bfloat16)``: the product of the bf16 operands, accumulated in float32
-    and rounded once. Against numpy in float64 on the same (exactly representable) operands it
-    is within one bf16 rounding (half an ulp, plus float32 summation error); accumulating in
-    bf16 over 768 terms would be off by many ulps."""
+    """``dot_general_for(bfloat16)`` / ``matmul(.., bfloat16)``: float32 operands are rounded to
+    bf16 and multiplied with float32 accumulation, returning float32. Against numpy in float64
+    on the bf16-rounded operands the error is float32 summation error (~1e-6 relative); a
+    product accumulated or returned in bf16 would be off by ~2^-9 relative."""
     import ml_dtypes
 
     from larv_jax.models.clip import dot_general_for, matmul
 
     assert dot_general_for(jnp.float32) is None
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((64, 768)).astype(ml_dtypes.bfloat16)
-    b = rng.standard_normal((768, 96)).astype(ml_dtypes.bfloat16)
-    exact = a.astype(np.float64) @ b.astype(np.float64)
+    a = rng.standard_normal((64, 768)).astype(np.float32)
+    b = rng.standard_normal((768, 96)).astype(np.float32)
+    rounded = [x.astype(ml_dtypes.bfloat16).astype(np.float64) for x in (a, b)]
+    exact = rounded[0] @ rounded[1]
     dg = dot_general_for(jnp.bfloat16)
     for out in (dg(jnp.asarray(a), jnp.asarray(b), (((1,), (0,)), ((), ()))),
                 matmul(jnp.asarray(a), jnp.asarray(b), jnp.bfloat16)):
-        assert out.dtype == jnp.bfloat16
-        err = np.abs(np.asarray(out, np.float64) - exact)
-        ulp = np.spacing(np.abs(exact).astype(ml_dtypes.bfloat16)).astype(np.float64)
-        assert (err <= 0.5 * ulp + 1e-4 * np.abs(exact).max()).all(), (err / ulp).max()
+        assert out.dtype == jnp.float32
+        err = np.abs(np.asarray(out, np.float64) - exact).max() / np.abs(exact).max()
+        assert err < 1e-5, err
+        # and it is the bf16 product, not the float32 one
+        assert np.abs(np.asarray(out) - a.astype(np.float64) @ b).max() / np.abs(exact).max() > 1e-4
 
 
 def test_bfloat16_forward_tracks_torch_float32(hf_clip):
-    """The bf16 forward (float32 accumulation, float32 softmax and LayerNorm statistics) stays
-    within bf16 resolution of transformers' float32 model: every pooled vector at cosine
-    >= 0.999 and relative error <= 2^-5 (a few 2^-8 roundings per layer, two layers)."""
+    """The bf16 forward (bf16 product operands, everything else float32) stays within bf16
+    resolution of transformers' float32 model: every pooled vector at cosine >= 0.9999 and
+    relative error <= 2^-7 (measured 1.7e-3: a few 2^-9 operand roundings per layer, two
+    layers)."""
     path, model = hf_clip
     cfg, params = load_params(path)
     images, _ = random_inputs(seed=7)
     x = jnp.asarray(images.transpose(0, 2, 3, 1))
-    with jax.numpy_dtype_promotion("standard"):  # flax's LayerNorm mixes f32 stats and bf16
-        out = CLIP(cfg, dtype=jnp.bfloat16).apply({"params": params}, x, False,
-                                                 method=CLIP.encode_image)["pooled"]
-    assert out.dtype == jnp.bfloat16
+    out = CLIP(cfg, dtype=jnp.bfloat16).apply({"params": params}, x, False,
+                                             method=CLIP.encode_image)["pooled"]
+    assert out.dtype == jnp.float32
     got = np.asarray(out, np.float64)
     with torch.no_grad():
         ref = model.vision_model(pixel_values=torch.from_numpy(images)).pooler_output.numpy()
     ref = ref.astype(np.float64)
     cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
-    assert cos.min() >= 0.999, cos
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 2 ** -5
+    assert cos.min() >= 0.9999, cos
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 2 ** -7

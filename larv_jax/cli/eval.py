@@ -39,7 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N test examples per task")
     p.add_argument("--seed", type=int, default=0, help="corruption seed")
     p.add_argument("--threads", type=int, default=4, help="grain reader threads")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="operand dtype of the image tower's matrix products (bfloat16: float32 "
+                        "accumulation, everything else float32; ~3x faster on CPUs with AMX)")
     p.add_argument("--heads-cache", type=Path, default=None,
                    help="zero-shot head cache dir (default: <out>/heads)")
     p.add_argument("--allow-pickle", action="store_true",
