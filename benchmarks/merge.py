@@ -3,13 +3,16 @@
     python benchmarks/merge.py            # ViT-B/32 vision tower, K = 8, every method (+ SVC)
     python benchmarks/merge.py --quick    # 2 blocks, K = 3, three methods
     python benchmarks/merge.py --preset ViT-L-14 --tasks 20 --no-svc   # the memory check
+    python benchmarks/merge.py --larv --no-svc --methods task_arithmetic ties   # LARV overhead
 
 Checkpoints are random ``CLIPVisionModel``-shaped safetensors written once with ``save_hf`` into
 ``--workdir`` (base ~ N(0, 0.02), task vectors ~ N(0, 1e-3)). Each method runs the real CLI entry
 point in its own subprocess; wall time and that child's peak RSS (``os.wait4`` rusage) are
 recorded. References: a same-run "read only" child that reads every byte of the K + 1 inputs
 once into a 256 KiB buffer (the I/O floor), and FusionBench 0.2.33 on this machine (fixed
-figures, quoted below).
+figures, quoted below). ``--larv`` also runs every method with ``--larv tiered`` right after
+its plain run and records LARV's end-to-end overhead against it (``larv_overhead_frac``, process
+wall times: jax import, base cache, diagnostics, gate and the scaled apply included).
 JSON lines go to ``--out`` (default ``benchmarks/results/merge.jsonl``).
 """
 
@@ -91,6 +94,8 @@ def child(args) -> None:
             "--no-hash"]
     if args.svc:
         argv.append("--svc")
+    if args.larv:
+        argv += ["--larv", "tiered"]
     rc = main(argv)
     wall = time.perf_counter() - t0
     report = json.loads((args.workdir / f"out_{args.child}" / "merge_report.json").read_text())
@@ -112,11 +117,13 @@ def _vmhwm_gb() -> float | None:
     return None
 
 
-def measure_rss(method: str, svc: bool, base: Path, models: list[Path], workdir: Path) -> dict:
+def measure_rss(method: str, svc: bool, base: Path, models: list[Path], workdir: Path,
+                larv: bool = False) -> dict:
     """Run one method in a fresh child process: its wall time, timings and peak RSS (the
     child's ``VmHWM``; ``os.wait4``'s ``ru_maxrss`` where /proc is missing)."""
     cmd = [sys.executable, __file__, "--child", method, "--base", str(base), "--workdir",
-           str(workdir), "--models", *map(str, models)] + (["--svc"] if svc else [])
+           str(workdir), "--models", *map(str, models)] + (["--svc"] if svc else []) + (
+               ["--larv"] if larv else [])
     t0 = time.perf_counter()
     with open(workdir / "child.out", "w") as fo, open(workdir / "child.err", "w") as fe:
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
@@ -143,6 +150,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/merge.jsonl"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--svc", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--larv", action="store_true",
+                    help="also run each method with --larv tiered (LARV's overhead)")
     ap.add_argument("--base", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--models", nargs="*", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,21 +170,26 @@ def main() -> None:
     base, models = make_zoo(workdir, k, layers, args.preset)
     print(f"zoo ready in {time.perf_counter() - t0:.1f}s: {workdir}", flush=True)
     methods = args.methods or (["task_arithmetic", "ties", "iso_c"] if args.quick else ALL)
-    runs = [("read_only", False)] + [(m, False) for m in methods]
+    runs = [("read_only", False, False)] + [(m, False, False) for m in methods]
     if not args.no_svc:
-        runs += [(m, True) for m in methods if m in SVC_FOR]
+        runs += [(m, True, False) for m in methods if m in SVC_FOR]
+    if args.larv:
+        runs = [r for run in runs for r in ([run, (run[0], run[1], True)]
+                                             if run[0] != "read_only" else [run])]
+    plain_s: dict[tuple[str, bool], float] = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
     import scipy
 
-    for method, svc in runs:
-        rec = measure_rss(method, svc, base, models, workdir)
+    for method, svc, larv in runs:
+        rec = measure_rss(method, svc, base, models, workdir, larv)
         reference = args.preset == "ViT-B-32" and layers == full and k == 8
-        ref = FUSIONBENCH_S.get(method) if not svc and reference else None
+        ref = FUSIONBENCH_S.get(method) if not svc and reference and not larv else None
         row = {
             "bench": "merge",
             "model": args.preset if layers == full else f"{args.preset}-L{layers}",
-            "K": k, "method": method, "svc": svc, "wall_s": round(rec["wall_s"], 2),
+            "K": k, "method": method, "svc": svc, "larv": "tiered" if larv else None,
+            "wall_s": round(rec["wall_s"], 2),
             "process_wall_s": round(rec["process_wall_s"], 2),
             "peak_rss_gb": round(rec["peak_rss_gb"], 3),
             "timings": {a: (round(b, 2) if isinstance(b, float) else b)
@@ -186,6 +200,11 @@ def main() -> None:
             "numpy": np.__version__, "scipy": scipy.__version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if larv and (method, svc) in plain_s:
+            plain = plain_s[(method, svc)]
+            row["larv_overhead_frac"] = round((rec["process_wall_s"] - plain) / plain, 4)
+        elif not larv:
+            plain_s[(method, svc)] = rec["process_wall_s"]
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -7,6 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["LARV_JAX_CACHE_DIR"] = "off"  # in-process CLI calls: no compilation cache in ~/.cache
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

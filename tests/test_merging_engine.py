@@ -187,3 +187,113 @@ def test_cli_merge_with_larv_matches_library(tmp_path):
     assert [u["s"] for u in units] == [float(r.s) for r in res.report]
     # the veneer changed something: not every unit is at scale 1
     assert any(u["s"] != 1.0 for u in units)
+
+
+def test_cli_merge_larv_base_cache_prefetch(tmp_path, monkeypatch):
+    """`larv merge --larv` computes the base cache in a thread during the merge and uses it; a
+    prefetch whose units differ from the merge's, or that failed, is recomputed in place: the
+    written model is the same bit for bit in all three cases."""
+    import threading
+    from concurrent.futures import Future
+
+    from larv_jax import diagnostics as dg
+    from larv_jax.cli import main
+    from larv_jax.larv import flags
+
+    base, models = zoo(3, cfg=FULL)
+    save_hf(base, FULL, tmp_path / "base")
+    for i, m in enumerate(models):
+        save_hf(m, VCFG, tmp_path / f"m{i}")
+    paths = [str(tmp_path / f"m{i}") for i in range(3)]
+    real_cache = dg.base_cache
+    threads = []
+
+    def counting_cache(*a, **kw):
+        threads.append(threading.current_thread().name)
+        return real_cache(*a, **kw)
+
+    monkeypatch.setattr(dg, "base_cache", counting_cache)
+
+    def run(name):
+        out = tmp_path / name
+        assert main(["merge", "--base", str(tmp_path / "base"), "--models", *paths, "--method",
+                     "task_arithmetic", "--larv", "tiered", "--out", str(out)]) == 0
+        return load_checkpoint(out).flat(), json.loads((out / "merge_report.json").read_text())
+
+    got, report = run("prefetched")
+    assert threads == ["larv-base-cache_0"]              # once, in the background thread
+    assert report["larv"]["base_cache_overlapped_s"] > 0
+
+    real_start = flags.start_base_cache
+
+    def wrong_units(args, base_path, models_):
+        base_flat, unit_list, cache, s = real_start(args, base_path, models_).result()
+        fut = Future()
+        fut.set_result((base_flat, unit_list[:-1], cache, s))
+        return fut
+
+    def failed(args, base_path, models_):
+        fut = Future()
+        fut.set_exception(RuntimeError("prefetch failed"))
+        return fut
+
+    for name, start in (("mismatch", wrong_units), ("failed", failed)):
+        threads.clear()
+        monkeypatch.setattr(flags, "start_base_cache", start)
+        again, rep = run(name)
+        assert rep["larv"]["base_cache_overlapped_s"] is None
+        assert threads[-1] == "MainThread"               # recomputed by finish()
+        assert rep["larv"]["units"] == report["larv"]["units"]
+        for p in got:
+            np.testing.assert_array_equal(again[p], got[p], err_msg=f"{name}: {p}")
+
+
+def test_compile_cache_dir_resolution(monkeypatch, tmp_path):
+    from larv_jax.cli import compile_cache_dir
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LARV_JAX_CACHE_DIR", str(tmp_path / "c"))
+    assert compile_cache_dir() == str(tmp_path / "c")
+    for off in ("off", "0", "", "None"):
+        monkeypatch.setenv("LARV_JAX_CACHE_DIR", off)
+        assert compile_cache_dir() is None
+    monkeypatch.delenv("LARV_JAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == str(tmp_path / "xdg" / "larv_jax" / "jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))  # the user's wins
+    assert compile_cache_dir() is None
+
+
+def test_cli_persistent_compilation_cache(tmp_path):
+    """A fresh `larv merge --larv` process fills the JAX compilation cache; a second one writes
+    the same model bit for bit; LARV_JAX_CACHE_DIR=off leaves no cache behind."""
+    import os
+    import subprocess
+    import sys
+
+    base, models = zoo(2)
+    save_hf(base, VCFG, tmp_path / "base")
+    for i, m in enumerate(models):
+        save_hf(m, VCFG, tmp_path / f"m{i}")
+    cache = tmp_path / "jaxcache"
+
+    def run(out, cache_env):
+        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+        env["LARV_JAX_CACHE_DIR"] = cache_env
+        env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")  # where the default would go
+        cmd = [sys.executable, "-m", "larv_jax", "merge", "--base", str(tmp_path / "base"),
+               "--models", str(tmp_path / "m0"), str(tmp_path / "m1"), "--method",
+               "task_arithmetic", "--larv", "tiered", "--out", str(tmp_path / out)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return load_checkpoint(tmp_path / out).flat()
+
+    first = run("a", str(cache))
+    entries = [p for p in cache.rglob("*") if p.is_file()]
+    assert entries, "no compilation cache entries written"
+    second = run("b", str(cache))
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) >= sorted(entries)
+    for p in first:
+        np.testing.assert_array_equal(second[p], first[p], err_msg=p)
+    run("c", "off")
+    assert not (tmp_path / "xdg").exists()

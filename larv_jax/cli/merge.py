@@ -77,13 +77,16 @@ def run(args: argparse.Namespace) -> int:
         hparams["key"] = args.seed
     base = load_checkpoint(args.base)
     models = [load_checkpoint(m) for m in args.models]
+    # the LARV base cache depends on theta0 alone: computed while the merge streams the models
+    prefetched = larv_flags.start_base_cache(args, args.base, models)
     delta, report = merge_delta(base, models, args.method,
                                 svc=args.svc and larv_flags.svc_before_larv(args),
                                 svc_alpha=args.svc_alpha, hash_inputs=not args.no_hash, **hparams)
     # LARV veneer (--larv ...): per-leaf scales s from (base, delta); theta = theta0 + s * D.
     t0 = time.perf_counter()
     delta, scales, report["larv"] = larv_flags.finish(args, base, delta, models=models,
-                                                      method=args.method, hparams=hparams)
+                                                      method=args.method, hparams=hparams,
+                                                      prefetched=prefetched)
     report["timings"]["larv_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     params = apply_delta(base, delta, scales=scales, consume=True, inplace=True)

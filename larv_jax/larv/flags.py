@@ -18,7 +18,8 @@ Module-level imports stay light (argparse): CLI modules are all imported to buil
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 SPEC_HELP = ("LARV gate or depth schedule: tiered | continuous | none | uniform(C) | linear | "
@@ -126,9 +127,63 @@ def apply(args: argparse.Namespace, *, base: Mapping[str, Any], delta: Mapping[s
     return params, V.LarvResult(rows, res.s, diagnostics, dict(final))
 
 
+def start_base_cache(args: argparse.Namespace, base_path: Any, models: Sequence[Any]) -> Any:
+    """Start the LARV base cache in a background thread; a ``Future`` for :func:`finish`, or None.
+
+    The base cache (r_eff(theta0) and the base Grams, ~2 s for ViT-B/32) depends on theta0 and
+    the units alone, so the merge command starts it before the merge: its eigenvalue and matrix
+    work then overlaps the merge's streaming reads. The thread opens its own view of
+    ``base_path``; its units are those of the base leaves that the first model also has (what
+    ``merge_delta`` merges). :func:`finish` uses the result only when the merge's own units match
+    and recomputes otherwise (also when the thread failed: that error is raised again there).
+    None when ``--larv`` needs no diagnostics.
+    """
+    if not enabled(args):
+        return None
+    from larv_jax.larv import veneer as V
+
+    opts = options(args)
+    if not V.needs_diagnostics(opts["gate"]):
+        return None
+    covered = set(models[0].paths())
+
+    def work():
+        import time
+
+        import jax
+
+        from larv_jax import diagnostics as dg
+        from larv_jax.checkpoint import load_checkpoint
+
+        t0 = time.perf_counter()
+        base_flat = load_checkpoint(base_path).flat(native=True)
+        unit_list = V.units_for(base_flat, {p: None for p in base_flat if p in covered},
+                                opts["granularity"])
+        cache = dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode,
+                              key=jax.random.PRNGKey(args.larv_seed))
+        jax.block_until_ready([x for x in (*cache.reff, *cache.norm, *cache.gram)
+                               if x is not None])
+        return base_flat, unit_list, cache, time.perf_counter() - t0
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="larv-base-cache")
+    future = pool.submit(work)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _prefetched(future: Any) -> tuple | None:
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 -- recomputed in the caller's thread, which raises it properly
+        return None
+
+
 def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
            models: Any = None, method: str | None = None,
-           hparams: Mapping[str, Any] | None = None) -> tuple[Mapping[str, Any], Any, Any]:
+           hparams: Mapping[str, Any] | None = None,
+           prefetched: Any = None) -> tuple[Mapping[str, Any], Any, Any]:
     """The merge command's hook between ``merge_delta`` and ``apply_delta`` (larv_jax.merging).
 
     Args:
@@ -139,6 +194,7 @@ def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
       models, method, hparams: the opened fine-tuned checkpoints, the registry name and the
         hyperparameters given to ``merge_delta``; needed for ``--larv-apply pre`` and for
         ``--larv-svc-order larv_first`` (they re-merge / calibrate through the same engine).
+      prefetched: the future of :func:`start_base_cache` (or None).
 
     Returns ``(delta, scales, report)`` for ``apply_delta(base, delta, scales=scales)``: ``scales``
     is ``{path: scalar or [B]}`` (post) or None (``--larv none``, or pre / larv_first, where the
@@ -152,8 +208,10 @@ def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
     from larv_jax.larv import mergers
     from larv_jax.larv import veneer as V
 
+    pre = _prefetched(prefetched)
     # the source's memory order, like the merged delta: theta0 + s * D then needs no transposes
-    base_flat = base if isinstance(base, Mapping) else base.flat(native=True)
+    base_flat = (base if isinstance(base, Mapping) else
+                 pre[0] if pre is not None else base.flat(native=True))
     svc_on = bool(getattr(args, "svc", False))
     merge = svc = tau = None
     needs_engine = args.larv_apply == "pre" or (svc_on and args.larv_svc_order == "larv_first")
@@ -180,12 +238,17 @@ def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
     key = jax.random.PRNGKey(args.larv_seed)
     mode, diag_options = opts.pop("mode"), opts.pop("diag_options")
     diagnostics = None
+    cache_s = None
     if V.needs_diagnostics(gate):
-        cache = dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode, key=key)
+        if pre is not None and pre[1] == unit_list:
+            cache, cache_s = pre[2], pre[3]
+        else:
+            cache = dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode, key=key)
         diagnostics = V.diagnose(base_flat, V.full_delta(delta, base_flat), unit_list, key=key,
                                  mode=mode, cache=cache, **diag_options)
     res, rows = V.gate_scales(gate, unit_list, diagnostics, **opts)
     report = {"spec": gate, "options": opts, "apply": args.larv_apply,
+              "base_cache_overlapped_s": cache_s,
               "svc_order": args.larv_svc_order if svc_on else None,
               "granularity": args.larv_granularity,
               "diagnostics": None if diagnostics is None else diagnostics.settings,
