@@ -108,7 +108,7 @@ class Attention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block; with ``first_token_only`` it returns only token 0's output ``[b, 1, d]``
     (the other tokens still serve as keys and values), the same numbers as ``[:, :1]`` of the
-    full block at a twelfth of its matrix products."""
+    full block for about a sixth of its matrix products (the keys and values of every token)."""
 
     cfg: TowerConfig
     causal: bool
@@ -149,7 +149,7 @@ class Transformer(nn.Module):
     ``first_token_only=True`` returns only token 0 after the last block (``[b, 1, d]``): the
     first ``layers - 1`` blocks run as a scan over the same stacked parameters and the last one
     computes queries, the output projection and the MLP for token 0 alone (what a pooled
-    image embedding needs; 1/12 fewer matrix flops for a 12-block tower).
+    image embedding needs; ~7 % fewer matrix flops for a 12-block tower).
     """
 
     cfg: TowerConfig
