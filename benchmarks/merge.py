@@ -170,12 +170,14 @@ def main() -> None:
     base, models = make_zoo(workdir, k, layers, args.preset)
     print(f"zoo ready in {time.perf_counter() - t0:.1f}s: {workdir}", flush=True)
     methods = args.methods or (["task_arithmetic", "ties", "iso_c"] if args.quick else ALL)
-    runs = [("read_only", False, False)] + [(m, False, False) for m in methods]
+    plain = [(m, False) for m in methods]
     if not args.no_svc:
-        runs += [(m, True, False) for m in methods if m in SVC_FOR]
-    if args.larv:
-        runs = [r for run in runs for r in ([run, (run[0], run[1], True)]
-                                             if run[0] != "read_only" else [run])]
+        plain += [(m, True) for m in methods if m in SVC_FOR]
+    runs = [("read_only", False, False)]   # (method, svc, larv)
+    for method, svc in plain:
+        runs.append((method, svc, False))
+        if args.larv:                      # right after its plain run
+            runs.append((method, svc, True))
     plain_s: dict[tuple[str, bool], float] = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np

@@ -79,6 +79,30 @@ def svc_before_larv(args: argparse.Namespace) -> bool:
     return not (enabled(args) and args.larv_svc_order == "larv_first")
 
 
+def _base_cache(args: argparse.Namespace, base_flat: Mapping[str, Any], unit_list: Any) -> Any:
+    """The base cache as the flags ask for it (``--larv-base-mode``, ``--larv-seed``)."""
+    import jax
+
+    from larv_jax import diagnostics as dg
+
+    return dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode,
+                         key=jax.random.PRNGKey(args.larv_seed))
+
+
+def _diagnose(args: argparse.Namespace, base_flat: Mapping[str, Any], delta: Mapping[str, Any],
+              unit_list: Any, mode: str, diag_options: Mapping[str, Any],
+              cache: Any = None) -> Any:
+    """Diagnostics of the merged ``delta`` (``cache``: the base cache, computed when None)."""
+    import jax
+
+    from larv_jax.larv import veneer as V
+
+    cache = _base_cache(args, base_flat, unit_list) if cache is None else cache
+    return V.diagnose(base_flat, V.full_delta(delta, base_flat), unit_list,
+                      key=jax.random.PRNGKey(args.larv_seed), mode=mode, cache=cache,
+                      **diag_options)
+
+
 def apply(args: argparse.Namespace, *, base: Mapping[str, Any], delta: Mapping[str, Any],
           merge: Callable | None = None, tau: Mapping[str, Any] | None = None,
           svc: Callable | None = None) -> tuple[dict[str, Any], Any]:
@@ -97,9 +121,6 @@ def apply(args: argparse.Namespace, *, base: Mapping[str, Any], delta: Mapping[s
     Returns ``(params_flat, LarvResult)``; ``--larv none`` gives ``theta0 + D`` bit for bit and a
     report of scales 1.
     """
-    import jax
-
-    from larv_jax import diagnostics as dg
     from larv_jax.larv import veneer as V
 
     opts = options(args)
@@ -113,13 +134,10 @@ def apply(args: argparse.Namespace, *, base: Mapping[str, Any], delta: Mapping[s
     if svc is not None and args.larv_apply == "post" and svc_order == "svc_first":
         svc = None  # already in D; compose() would not use it anyway
     V.check_pair(args.larv_apply, svc_order, svc)
-    key = jax.random.PRNGKey(args.larv_seed)
     unit_list = V.units_for(base_flat, delta_flat, granularity)
     diagnostics = None
     if V.needs_diagnostics(gate):
-        cache = dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode, key=key)
-        diagnostics = V.diagnose(base_flat, V.full_delta(delta_flat, base_flat), unit_list,
-                                 key=key, mode=mode, cache=cache, **diag_options)
+        diagnostics = _diagnose(args, base_flat, delta_flat, unit_list, mode, diag_options)
     res, rows = V.gate_scales(gate, unit_list, diagnostics, **opts)
     params, final = V.compose(base_flat, delta_flat, unit_list, res.s, apply=args.larv_apply,
                               merge=merge, tau=None if tau is None else V.as_flat(tau), svc=svc,
@@ -152,15 +170,13 @@ def start_base_cache(args: argparse.Namespace, base_path: Any, models: Sequence[
 
         import jax
 
-        from larv_jax import diagnostics as dg
         from larv_jax.checkpoint import load_checkpoint
 
         t0 = time.perf_counter()
         base_flat = load_checkpoint(base_path).flat(native=True)
         unit_list = V.units_for(base_flat, {p: None for p in base_flat if p in covered},
                                 opts["granularity"])
-        cache = dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode,
-                              key=jax.random.PRNGKey(args.larv_seed))
+        cache = _base_cache(args, base_flat, unit_list)
         jax.block_until_ready([x for x in (*cache.reff, *cache.norm, *cache.gram)
                                if x is not None])
         return base_flat, unit_list, cache, time.perf_counter() - t0
@@ -231,21 +247,14 @@ def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
     opts = options(args)
     gate = opts.pop("gate")
     unit_list = V.units_for(base_flat, delta, opts.pop("granularity"))
-    import jax
-
-    from larv_jax import diagnostics as dg
-
-    key = jax.random.PRNGKey(args.larv_seed)
     mode, diag_options = opts.pop("mode"), opts.pop("diag_options")
     diagnostics = None
     cache_s = None
     if V.needs_diagnostics(gate):
+        cache = None  # a prefetched cache for other units (or none): computed here
         if pre is not None and pre[1] == unit_list:
             cache, cache_s = pre[2], pre[3]
-        else:
-            cache = dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode, key=key)
-        diagnostics = V.diagnose(base_flat, V.full_delta(delta, base_flat), unit_list, key=key,
-                                 mode=mode, cache=cache, **diag_options)
+        diagnostics = _diagnose(args, base_flat, delta, unit_list, mode, diag_options, cache)
     res, rows = V.gate_scales(gate, unit_list, diagnostics, **opts)
     report = {"spec": gate, "options": opts, "apply": args.larv_apply,
               "base_cache_overlapped_s": cache_s,
