@@ -226,3 +226,71 @@ def test_writers_roundtrip(small, tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d.csv", "d.json", "d.png", "m.npz",
                                                            "ref.npy"][:3] + sorted(
         x.name for x in tmp_path.iterdir())[3:]
+
+
+def test_base_cache_store_roundtrip_and_key(small, tmp_path):
+    """store=DIR: the first call computes and writes one file; a second call (same base) reads
+    it, and diagnose gives bit-identical results with either cache."""
+    shapes, base, delta, us, cache = small
+    first = dg.base_cache(base, us, store=tmp_path)
+    files = list(tmp_path.glob("*.npz"))
+    assert first.source == "computed" and len(files) == 1
+    again = dg.base_cache(base, us, store=tmp_path)
+    assert again.source == str(files[0])
+    for a, b in zip(first.reff + first.norm, again.reff + again.norm, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [g is None for g in again.gram] == [g is None for g in first.gram] != [True] * 3
+    for a, b in zip(first.gram, again.gram, strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    key = jax.random.PRNGKey(1)
+    d1 = dg.diagnose(base, delta, units=us, key=key, cache=first)
+    d2 = dg.diagnose(base, delta, units=us, key=key, cache=again)
+    np.testing.assert_array_equal(d1.e, d2.e)
+    np.testing.assert_array_equal(d1.c, d2.c)
+    # ... and the same numbers as the module's in-memory cache
+    np.testing.assert_array_equal(d1.e, dg.diagnose(base, delta, units=us, key=key,
+                                                    cache=cache).e)
+
+    # One changed float32 of theta0 (a matrix of a unit) is another base: another file.
+    path = next(p for p in base if p.endswith("attn/query/kernel"))
+    changed = dict(base)
+    changed[path] = base[path].copy()
+    changed[path].flat[5] = np.nextafter(changed[path].flat[5], np.float32(1))
+    other = dg.base_cache(changed, us, store=tmp_path)
+    assert other.source == "computed" and len(list(tmp_path.glob("*.npz"))) == 2
+    # Another mode, or another key in randomized mode, is another file too.
+    dg.base_cache(base, us, store=tmp_path, mode="randomized", key=jax.random.PRNGKey(0), k=8)
+    dg.base_cache(base, us, store=tmp_path, mode="randomized", key=jax.random.PRNGKey(1), k=8)
+    assert len(list(tmp_path.glob("*.npz"))) == 4
+    assert dg.base_cache(base, us, store=tmp_path, mode="randomized", key=jax.random.PRNGKey(1),
+                         k=8).source != "computed"
+    # The fingerprint is the documented sha256, not something else that happens to differ.
+    plan = dg.plan_buckets(us, shapes)
+    fp = dg.engine.base_fingerprint(plan, first.stack, "exact", 64, 10, 2, key)
+    assert (tmp_path / f"{fp}.npz") == files[0] and len(fp) == 64
+    assert fp == dg.engine.base_fingerprint(plan, first.stack, "exact", 8, 0, 0, key)  # exact:
+    assert fp != dg.engine.base_fingerprint(plan, first.stack, "randomized", 64, 10, 2, key)
+
+
+def test_base_cache_store_bad_file_and_unwritable_dir(small, tmp_path):
+    shapes, base, delta, us, cache = small
+    first = dg.base_cache(base, us, store=tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(b"not an npz")  # a truncated or foreign file: recomputed and replaced
+    with pytest.warns(UserWarning, match="unreadable"):
+        fixed = dg.base_cache(base, us, store=tmp_path)
+    assert fixed.source == "computed"
+    np.testing.assert_array_equal(fixed.reff[0], first.reff[0])
+    assert dg.base_cache(base, us, store=tmp_path).source == str(path)
+    # A file with the right key but the wrong shapes (e.g. written by a buggy version).
+    np.savez(path, reff_0=np.zeros(3, np.float32))
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert dg.base_cache(base, us, store=tmp_path).source == "computed"
+    # A store that cannot be created is a warning; the cache itself is still returned.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.warns(UserWarning, match="could not write"):
+        c = dg.base_cache(base, us, store=blocker / "sub")
+    np.testing.assert_array_equal(c.norm[0], first.norm[0])
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind

@@ -252,21 +252,29 @@ def test_compile_cache_dir_resolution(monkeypatch, tmp_path):
     from larv_jax.cli import compile_cache_dir
 
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    from larv_jax.caches import base_cache_dir
+
     monkeypatch.setenv("LARV_JAX_CACHE_DIR", str(tmp_path / "c"))
-    assert compile_cache_dir() == str(tmp_path / "c")
+    assert compile_cache_dir() == str(tmp_path / "c" / "jax")
+    assert base_cache_dir() == tmp_path / "c" / "larv-base"
     for off in ("off", "0", "", "None"):
         monkeypatch.setenv("LARV_JAX_CACHE_DIR", off)
-        assert compile_cache_dir() is None
+        assert compile_cache_dir() is None and base_cache_dir() is None
     monkeypatch.delenv("LARV_JAX_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compile_cache_dir() == str(tmp_path / "xdg" / "larv_jax" / "jax")
+    assert base_cache_dir() == tmp_path / "xdg" / "larv_jax" / "larv-base"
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))  # the user's wins
     assert compile_cache_dir() is None
+    assert base_cache_dir() == tmp_path / "xdg" / "larv_jax" / "larv-base"  # not JAX's business
 
 
 def test_cli_persistent_compilation_cache(tmp_path):
-    """A fresh `larv merge --larv` process fills the JAX compilation cache; a second one writes
-    the same model bit for bit; LARV_JAX_CACHE_DIR=off leaves no cache behind."""
+    """A fresh `larv merge --larv` process fills the JAX compilation cache and the LARV base
+    cache; a second one reads the base cache and writes the same model bit for bit;
+    LARV_JAX_CACHE_DIR=off leaves no cache behind."""
+    import json
+
     import os
     import subprocess
     import sys
@@ -286,14 +294,18 @@ def test_cli_persistent_compilation_cache(tmp_path):
                "task_arithmetic", "--larv", "tiered", "--out", str(tmp_path / out)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        return load_checkpoint(tmp_path / out).flat()
+        report = json.loads((tmp_path / out / "merge_report.json").read_text())
+        return load_checkpoint(tmp_path / out).flat(), report["larv"]["base_cache_source"]
 
-    first = run("a", str(cache))
-    entries = [p for p in cache.rglob("*") if p.is_file()]
+    first, source = run("a", str(cache))
+    entries = [p for p in (cache / "jax").rglob("*") if p.is_file()]
     assert entries, "no compilation cache entries written"
-    second = run("b", str(cache))
-    assert sorted(p for p in cache.rglob("*") if p.is_file()) >= sorted(entries)
+    (stored,) = (cache / "larv-base").glob("*.npz")
+    assert source == "computed"
+    second, source = run("b", str(cache))
+    assert source == str(stored)
+    assert sorted(p for p in (cache / "jax").rglob("*") if p.is_file()) >= sorted(entries)
     for p in first:
         np.testing.assert_array_equal(second[p], first[p], err_msg=p)
-    run("c", "off")
-    assert not (tmp_path / "xdg").exists()
+    _, source = run("c", "off")
+    assert source == "computed" and not (tmp_path / "xdg").exists()

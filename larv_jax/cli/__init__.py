@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from larv_jax.caches import compile_cache_dir
+
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "inspect": ("larv_jax.cli.inspect", "print a checkpoint's parameter tree and architecture"),
@@ -30,24 +32,7 @@ def _available() -> dict[str, str]:
     return out
 
 
-CACHE_ENV = "LARV_JAX_CACHE_DIR"
 MIN_COMPILE_S = 0.1
-
-
-def compile_cache_dir() -> str | None:
-    """Where the CLI keeps JAX's persistent compilation cache (None: off).
-
-    ``$LARV_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/larv_jax/jax`` (``~/.cache/larv_jax/jax``);
-    ``LARV_JAX_CACHE_DIR=off`` turns it off, and a ``JAX_COMPILATION_CACHE_DIR`` set by the user
-    wins (JAX then reads it itself).
-    """
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return None
-    d = os.environ.get(CACHE_ENV)
-    if d is None:
-        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        d = os.path.join(root, "larv_jax", "jax")
-    return None if d.strip().lower() in ("", "off", "0", "none", "false") else d
 
 
 def _enable_compile_cache() -> None:

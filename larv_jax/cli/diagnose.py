@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from larv_jax import diagnostics as dg
+    from larv_jax.caches import base_cache_dir
     from larv_jax.checkpoint import load_checkpoint
     from larv_jax.io import atomic_path
     from larv_jax.merging import merge_delta
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     t_load = time.perf_counter() - t0
 
     key = jax.random.PRNGKey(args.seed)
-    cache = dg.base_cache(base_flat, units)
+    cache = dg.base_cache(base_flat, units, store=base_cache_dir())
     n_buckets = len(dg.plan_buckets(units, shapes))
     with tqdm(total=n_buckets, desc="diagnostics (shape buckets)", unit="bucket") as bar:
         diag = dg.diagnose(base_flat, {p: delta[p] for p in needed}, units=units, key=key,

@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{results_path} exists (pass --overwrite to replace it)")
 
     from larv_jax import diagnostics as dg
+    from larv_jax.caches import base_cache_dir
     from larv_jax.checkpoint import load_checkpoint
     from larv_jax.io import atomic_path, write_json, write_text
     from larv_jax.larv import grid
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
             resolve_svc=M.svc, granularity=config.granularity,
             diag_mode=d.mode, base_mode=d.base_mode, seed=int(d.seed),
             diag_options={"k": int(d.k), "p": int(d.p), "q": int(d.q)}, evaluate=evaluate,
-            counters=counters, on_diagnostics=on_diagnostics,
+            counters=counters, on_diagnostics=on_diagnostics, base_store=base_cache_dir(),
             on_params=on_params if config.save_params else None):
         rows.append(row)
         with atomic_path(results_path) as tmp:

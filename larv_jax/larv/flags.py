@@ -80,13 +80,15 @@ def svc_before_larv(args: argparse.Namespace) -> bool:
 
 
 def _base_cache(args: argparse.Namespace, base_flat: Mapping[str, Any], unit_list: Any) -> Any:
-    """The base cache as the flags ask for it (``--larv-base-mode``, ``--larv-seed``)."""
+    """The base cache as the flags ask for it (``--larv-base-mode``, ``--larv-seed``), kept on
+    disk in :func:`larv_jax.caches.base_cache_dir` (``LARV_JAX_CACHE_DIR=off``: not kept)."""
     import jax
 
     from larv_jax import diagnostics as dg
+    from larv_jax.caches import base_cache_dir
 
     return dg.base_cache(base_flat, unit_list, mode=args.larv_base_mode,
-                         key=jax.random.PRNGKey(args.larv_seed))
+                         key=jax.random.PRNGKey(args.larv_seed), store=base_cache_dir())
 
 
 def _diagnose(args: argparse.Namespace, base_flat: Mapping[str, Any], delta: Mapping[str, Any],
@@ -249,15 +251,18 @@ def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
     unit_list = V.units_for(base_flat, delta, opts.pop("granularity"))
     mode, diag_options = opts.pop("mode"), opts.pop("diag_options")
     diagnostics = None
-    cache_s = None
+    cache_s = cache_source = None
     if V.needs_diagnostics(gate):
         cache = None  # a prefetched cache for other units (or none): computed here
         if pre is not None and pre[1] == unit_list:
             cache, cache_s = pre[2], pre[3]
+        if cache is None:
+            cache = _base_cache(args, base_flat, unit_list)
+        cache_source = cache.source
         diagnostics = _diagnose(args, base_flat, delta, unit_list, mode, diag_options, cache)
     res, rows = V.gate_scales(gate, unit_list, diagnostics, **opts)
     report = {"spec": gate, "options": opts, "apply": args.larv_apply,
-              "base_cache_overlapped_s": cache_s,
+              "base_cache_overlapped_s": cache_s, "base_cache_source": cache_source,
               "svc_order": args.larv_svc_order if svc_on else None,
               "granularity": args.larv_granularity,
               "diagnostics": None if diagnostics is None else diagnostics.settings,

@@ -17,6 +17,7 @@ What is expensive is computed once and reused across the grid:
 from __future__ import annotations
 
 import collections
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -48,6 +49,7 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
              evaluate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
              counters: collections.Counter | None = None,
              on_diagnostics: Callable[[str, dg.Diagnostics], None] | None = None,
+             base_store: str | os.PathLike | None = None,
              on_params: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
              ) -> Iterator[dict[str, Any]]:
     """Run every ``mergers x gates`` cell; yield one result row per cell.
@@ -70,6 +72,7 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
       counters: a Counter incremented with ``merge``, ``svc``, ``diagnostics``, ``base_cache``.
       on_diagnostics: called as ``on_diagnostics(merger_label, diagnostics)`` once per merger.
       on_params: called as ``on_params(row, params_flat)`` per cell (e.g. to save the model).
+      base_store: directory of the on-disk base cache (``base_cache(store=...)``; None: none).
 
     Yields rows ``{"merger", "method", "method_options", "svc", "svc_order", "gate", "gate_spec",
     "gate_options", "apply", "units": [per-unit report dicts], "s": [L], "tiers": {value: count},
@@ -109,7 +112,8 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
         if needs_diag:
             if cache is None:
                 counters["base_cache"] += 1
-                cache = dg.base_cache(base_flat, unit_list, mode=base_mode, key=key)
+                cache = dg.base_cache(base_flat, unit_list, mode=base_mode, key=key,
+                                      store=base_store)
             counters["diagnostics"] += 1
             diagnostics = V.diagnose(base_flat, V.full_delta(delta, base_flat), unit_list,
                                      key=key, mode=diag_mode, cache=cache, **diag_options)
