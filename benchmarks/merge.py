@@ -12,7 +12,9 @@ recorded. References: a same-run "read only" child that reads every byte of the 
 once into a 256 KiB buffer (the I/O floor), and FusionBench 0.2.33 on this machine (fixed
 figures, quoted below). ``--larv`` also runs every method with ``--larv tiered`` right after
 its plain run and records LARV's end-to-end overhead against it (``larv_overhead_frac``, process
-wall times: jax import, base cache, diagnostics, gate and the scaled apply included).
+wall times: jax import, base cache, diagnostics, gate and the scaled apply included), and
+whether the LARV per-base cache was computed or read from its on-disk copy
+(``larv_base_cache``; the first LARV run on a fresh ``LARV_JAX_CACHE_DIR`` computes it).
 JSON lines go to ``--out`` (default ``benchmarks/results/merge.jsonl``).
 """
 
@@ -99,8 +101,11 @@ def child(args) -> None:
     rc = main(argv)
     wall = time.perf_counter() - t0
     report = json.loads((args.workdir / f"out_{args.child}" / "merge_report.json").read_text())
+    source = (report.get("larv") or {}).get("base_cache_source")
     print(json.dumps({"rc": rc, "wall_s": wall, "timings": report["timings"],
-                      "vmhwm_gb": _vmhwm_gb()}))
+                      "vmhwm_gb": _vmhwm_gb(),
+                      "larv_base_cache": None if source is None else
+                      "computed" if source == "computed" else "disk"}))
 
 
 def _vmhwm_gb() -> float | None:
@@ -191,6 +196,7 @@ def main() -> None:
             "bench": "merge",
             "model": args.preset if layers == full else f"{args.preset}-L{layers}",
             "K": k, "method": method, "svc": svc, "larv": "tiered" if larv else None,
+            "larv_base_cache": rec.get("larv_base_cache"),
             "wall_s": round(rec["wall_s"], 2),
             "process_wall_s": round(rec["process_wall_s"], 2),
             "peak_rss_gb": round(rec["peak_rss_gb"], 3),
