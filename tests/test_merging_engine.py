@@ -274,7 +274,6 @@ def test_cli_persistent_compilation_cache(tmp_path):
     cache; a second one reads the base cache and writes the same model bit for bit;
     LARV_JAX_CACHE_DIR=off leaves no cache behind."""
     import json
-
     import os
     import subprocess
     import sys
