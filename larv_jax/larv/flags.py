@@ -253,10 +253,9 @@ def finish(args: argparse.Namespace, base: Any, delta: Mapping[str, Any], *,
     diagnostics = None
     cache_s = cache_source = None
     if V.needs_diagnostics(gate):
-        cache = None  # a prefetched cache for other units (or none): computed here
         if pre is not None and pre[1] == unit_list:
             cache, cache_s = pre[2], pre[3]
-        if cache is None:
+        else:  # no prefetch, a failed one, or one for other units: computed here
             cache = _base_cache(args, base_flat, unit_list)
         cache_source = cache.source
         diagnostics = _diagnose(args, base_flat, delta, unit_list, mode, diag_options, cache)
