@@ -294,6 +294,7 @@ def test_cli_persistent_compilation_cache(tmp_path):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         report = json.loads((tmp_path / out / "merge_report.json").read_text())
+        run.stderr = r.stderr
         return load_checkpoint(tmp_path / out).flat(), report["larv"]["base_cache_source"]
 
     first, source = run("a", str(cache))
@@ -306,5 +307,14 @@ def test_cli_persistent_compilation_cache(tmp_path):
     assert sorted(p for p in (cache / "jax").rglob("*") if p.is_file()) >= sorted(entries)
     for p in first:
         np.testing.assert_array_equal(second[p], first[p], err_msg=p)
+    # A damaged store file: one warning line naming it, recomputed, the same model.
+    stored.write_bytes(b"junk")
+    third, source = run("d", str(cache))
+    assert source == "computed"
+    warned = [ln for ln in run.stderr.splitlines() if "warning" in ln]
+    assert warned == [f"larv: warning: LARV base cache {stored} is unreadable "
+                      "(not an .npz file); recomputing it"]
+    for p in first:
+        np.testing.assert_array_equal(third[p], first[p], err_msg=p)
     _, source = run("c", "off")
     assert source == "computed" and not (tmp_path / "xdg").exists()

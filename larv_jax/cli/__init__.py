@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from larv_jax.caches import compile_cache_dir
 
@@ -52,8 +53,15 @@ def _enable_compile_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line like the errors (``larv: warning: ...``), without the source line
+    that Python's default format prints, which means nothing to a command-line user."""
+    return f"larv: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.formatwarning = _one_line_warning
     _enable_compile_cache()
     parser = argparse.ArgumentParser(prog="larv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

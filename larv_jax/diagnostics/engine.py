@@ -45,6 +45,7 @@ import os
 import tempfile
 import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -530,6 +531,8 @@ def _read_store(path: Path, plan: Sequence[Bucket]) -> tuple | None:
     if not path.is_file():
         return None
     try:
+        if not zipfile.is_zipfile(path):  # else numpy's message would be about pickles
+            raise ValueError("not an .npz file")
         with np.load(path, allow_pickle=False) as z:
             reffs, norms, grams = [], [], []
             for i, b in enumerate(plan):
