@@ -169,7 +169,7 @@ def test_chunked_reads_fall_back_for_other_dtypes_and_layouts(ckpts, tmp_path):
     and give the same sums."""
     import ml_dtypes
 
-    from larv_jax.larv.veneer import FlatSource
+    from larv_jax.merging import TreeSource
 
     root, base, models = ckpts
     half = {p: v.astype(ml_dtypes.bfloat16) for p, v in models[0].items()}
@@ -182,7 +182,7 @@ def test_chunked_reads_fall_back_for_other_dtypes_and_layouts(ckpts, tmp_path):
     want = (half[kernel].astype(np.float32) - base[kernel]).astype(np.float64) + (
         models[1][kernel] - base[kernel]).astype(np.float64)
     np.testing.assert_array_equal(tv.task_sum(kernel), want)
-    flat = TaskVectors(FlatSource(base), [load_checkpoint(root / "m1")], list(base))
+    flat = TaskVectors(TreeSource(base), [load_checkpoint(root / "m1")], list(base))
     assert flat._raw_layouts(kernel, base[kernel]) is None           # C order vs [out, in]
     np.testing.assert_array_equal(flat.task_sum(kernel),
                                   (models[1][kernel] - base[kernel]).astype(np.float64))

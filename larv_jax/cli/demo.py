@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.larv import mergers as larv_mergers
     from larv_jax.larv import schedules as larv_schedules
     from larv_jax.larv.grid import run_grid
-    from larv_jax.larv.veneer import task_vectors
+    from larv_jax.merging import task_vectors
     from larv_jax.models.tokenizer import load_tokenizer
     from larv_jax.tree import flatten, unflatten
     from larv_jax.zoo import build_zoo, open_zoo, report

@@ -88,6 +88,6 @@ def _check_options(name: str, fn: Any, options: Mapping[str, Any]) -> None:
 
 
 def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
-    from larv_jax.larv.veneer import as_flat
+    from larv_jax.larv.plan import as_flat
 
     return as_flat(tree)

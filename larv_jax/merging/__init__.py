@@ -14,6 +14,7 @@ from larv_jax.merging.engine import (
     merge_checkpoints,
     merge_delta,
     resolve_hparams,
+    task_vectors,
 )
 from larv_jax.merging.methods import (
     ISO_C_SCALES,
@@ -30,6 +31,7 @@ from larv_jax.merging.methods import (
     ties_paper,
     tsv_m,
 )
+from larv_jax.merging.sources import LeafSource, TreeSource, open_source
 from larv_jax.merging.svc import SVC_ALPHA, svc, svc_alpha
 
 METHODS = {
@@ -55,8 +57,9 @@ def get_method(name: str):
 
 
 __all__ = [
-    "ISO_C_SCALES", "METHODS", "SVC_ALPHA", "MergeResult", "TaskVectors", "apply_delta", "dare",
+    "ISO_C_SCALES", "METHODS", "SVC_ALPHA", "LeafSource", "MergeResult", "TaskVectors",
+    "TreeSource", "apply_delta", "dare",
     "dare_average", "dare_task_arithmetic", "dare_ties", "get_method", "iso_c", "iso_cts",
-    "merge_checkpoints", "merge_delta", "resolve_hparams", "simple_average", "svc", "svc_alpha",
-    "task_arithmetic", "ties", "ties_cuts", "ties_paper", "tsv_m",
+    "merge_checkpoints", "merge_delta", "open_source", "resolve_hparams", "simple_average", "svc",
+    "svc_alpha", "task_arithmetic", "task_vectors", "ties", "ties_cuts", "ties_paper", "tsv_m",
 ]

@@ -7,10 +7,11 @@ and hands the ``[K, ...]`` block to the method, which touches one leaf at a time
 such passes: histogram, bucket gather, merge). Resident memory is therefore about one merged model
 (the delta) plus K copies of the largest leaf.
 
-The LARV veneer hooks in between the two steps of :func:`merge_checkpoints`:
+The LARV veneer hooks in between the two steps of :func:`merge_checkpoints`
+(:mod:`larv_jax.larv.plan`):
 
     result = merge_delta(base, models, "ties")            # delta D (coefficient included) + report
-    scales = ...                                          # per-leaf s (scalar, or [B] per block)
+    scales = plan(...).leaf_scales(shapes)                # per-leaf s (scalar, or [B, 1, ..])
     params = apply_delta(base, result.delta, scales=scales)   # theta0 + s * D
 """
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from larv_jax import tree
 from larv_jax.arrays import empty_like_order, is_swapped, memory_order
+from larv_jax.merging.sources import LeafSource, open_source
 
 Flat = dict[str, np.ndarray]
 
@@ -39,20 +41,17 @@ class MergeResult(NamedTuple):
     report: dict         # JSON-serialisable: method, hparams, inputs, versions, timings
 
 
-def _open(ckpt: Any):
-    if isinstance(ckpt, (str, Path)):
-        from larv_jax.checkpoint import load_checkpoint
-
-        return load_checkpoint(ckpt)
-    return ckpt
-
-
-def _name(ckpt: Any) -> str:
-    return str(getattr(ckpt, "origin", ckpt))
+def _name(src: LeafSource) -> str:
+    return str(src.origin)
 
 
 class TaskVectors(Mapping):
     """Lazy ``{path: tau [K, ...]}``: ``tau_k = model_k.leaf(path) - base.leaf(path)``, float32.
+
+    ``base`` and ``models``: :class:`larv_jax.merging.sources.LeafSource` s, or what
+    :func:`~larv_jax.merging.sources.open_source` opens as one (checkpoint paths, parameter
+    trees). ``paths``: the leaves (default: every leaf the models carry, checked against the
+    base first).
 
     Checks on first read of each leaf: same shape as the base, all finite (a ValueError naming the
     file and the key otherwise). Returned arrays are the consumer's (``fresh = True``): it may
@@ -67,12 +66,15 @@ class TaskVectors(Mapping):
 
     fresh = True
 
-    def __init__(self, base: Any, models: Sequence[Any], paths: Sequence[str], *,
+    def __init__(self, base: Any, models: Sequence[Any], paths: Sequence[str] | None = None, *,
                  reuse_buffers: bool = False, read_ahead_bytes: int = 256 << 20):
         if not models:
             raise ValueError("no fine-tuned models given (models is empty)")
-        self.base = base
-        self.models = list(models)
+        self.base = open_source(base)
+        self.models = [open_source(m) for m in models]
+        if paths is None:  # every leaf the models carry, in the first model's order
+            _validate(self.base, self.models)
+            paths = self.models[0].paths()
         self.paths = list(paths)
         self._pos = {p: i for i, p in enumerate(self.paths)}
         self.num_tasks = len(self.models)
@@ -109,7 +111,7 @@ class TaskVectors(Mapping):
         check = path not in self._checked
         b = _read(self.base, path, check, native=True)
         for m in self.models:
-            shape_k = tuple(m.shape(path)) if hasattr(m, "shape") else b.shape
+            shape_k = tuple(m.shape(path))
             if shape_k != b.shape:
                 raise ValueError(f"{_name(m)}: {path!r} has shape {shape_k}; the base "
                                  f"{_name(self.base)} has {b.shape}")
@@ -125,8 +127,7 @@ class TaskVectors(Mapping):
             return None
         layouts = []
         for m in self.models:
-            get = getattr(m, "raw_layout", None)
-            lay = get(path) if get is not None else None
+            lay = m.raw_layout(path)
             if lay is None or lay[1] != swapped:
                 return None
             layouts.append(lay[0])
@@ -206,12 +207,10 @@ class TaskVectors(Mapping):
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="larv-read-ahead")
-        shape = getattr(self.base, "shape", None)
         item = 8 if scale is None else 4
         total = 0
         for nxt in self.paths[i + 1:]:
-            size = (item * int(np.prod(shape(nxt), dtype=np.int64)) if shape is not None
-                    else self.read_ahead_bytes)
+            size = item * int(np.prod(self.base.shape(nxt), dtype=np.int64))
             if (nxt, scale) not in self._ahead:
                 if self._ahead and total + size > self.read_ahead_bytes:
                     break
@@ -327,35 +326,15 @@ def _pread(fd: int, out: np.ndarray, offset: int, file: Path) -> None:
         done += n
 
 
-def _read(ckpt: Any, path: str, check: bool, out: np.ndarray | None = None,
+def _read(src: LeafSource, path: str, check: bool, out: np.ndarray | None = None,
           native: bool = False) -> np.ndarray:
-    if _takes_out(type(ckpt)):
-        x = ckpt.leaf(path, out=out, native=native)
-    else:
-        x = np.asarray(ckpt.leaf(path), dtype=np.float32)
-        if out is not None:
-            if x.shape != out.shape:
-                raise ValueError(f"{_name(ckpt)}: {path!r} has shape {x.shape}; expected "
-                                 f"{out.shape}")
-            out[...] = x
-            x = out
+    x = src.leaf(path, out=out, native=native)
     # A float64 sum of float32 values cannot overflow, so it is finite iff every value is: one
     # pass without a boolean temporary; the count only when something is wrong.
     if check and not np.isfinite(np.sum(x, dtype=np.float64)):
         bad = int(np.size(x) - np.isfinite(x).sum())
-        raise ValueError(f"{_name(ckpt)}: {path!r} has {bad} NaN/Inf value(s)")
+        raise ValueError(f"{_name(src)}: {path!r} has {bad} NaN/Inf value(s)")
     return x
-
-
-@functools.lru_cache(maxsize=64)
-def _takes_out(cls: type) -> bool:
-    """Whether ``cls.leaf`` takes ``out=`` and ``native=`` (``larv_jax.checkpoint``'s does);
-    looked up once per checkpoint class, not per read."""
-    try:
-        params = inspect.signature(cls.leaf).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return "out" in params and "native" in params
 
 
 def _validate(base: Any, models: Sequence[Any]) -> tuple[list[str], list[str]]:
@@ -444,13 +423,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _describe(ckpt: Any, hash_inputs: bool) -> dict[str, Any]:
+def _describe(src: LeafSource, hash_inputs: bool) -> dict[str, Any]:
     from larv_jax.io import sha256_file
 
-    files = [Path(f) for f in getattr(ckpt, "files", [])]
-    return {"path": _name(ckpt), "source_dtype": str(getattr(ckpt, "source_dtype", "float32")),
+    files = [Path(f) for f in src.files]
+    return {"path": _name(src), "source_dtype": str(src.source_dtype),
             "files": [{"file": str(f), "sha256": sha256_file(f) if hash_inputs else None}
                       for f in files]}
+
+
+def task_vectors(base: Any, models: Sequence[Any]) -> Flat:
+    """In-memory float32 task vectors ``{path: tau [K, ...]}`` (``tau_k = theta_k - theta0``) of
+    every leaf the models carry, read through :class:`TaskVectors` (the same checks: same keys,
+    shapes as the base, finite). ``base`` / ``models``: checkpoint paths, opened checkpoints or
+    parameter trees."""
+    tv = TaskVectors(base, models)
+    return {p: tv[p] for p in tv}
 
 
 def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = False,
@@ -477,11 +465,12 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     fn = get_method(method)
-    base = _open(base)
-    models = [_open(m) for m in models]
+    base = open_source(base)
+    models = [open_source(m) for m in models]
     merged_paths, copied = _validate(base, models)
-    config = getattr(base, "config", None)
-    hp = resolve_hparams(method, hparams, model=getattr(config, "name", None))
+    config = base.config
+    model_name = None if config is None else config.name
+    hp = resolve_hparams(method, hparams, model=model_name)
     alpha = None
     if svc:
         alpha = default_alpha(method) if svc_alpha is None else float(svc_alpha)
@@ -518,7 +507,7 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
         "merged_leaves": len(merged_paths),
         "merged_params": int(sum(int(np.prod(base.shape(p))) for p in merged_paths)),
         "copied_from_base": copied,
-        "config": getattr(config, "name", None),
+        "config": model_name,
         "versions": _versions(),
         "timings": timings,
     }
@@ -535,17 +524,18 @@ def _detached(delta: Flat, tv: TaskVectors) -> Flat:
 
 
 def _scale_for(scales: Any, path: str, shape: Sequence[int]) -> Any:
+    """The float32 scale of one leaf: a scalar, or for a stacked leaf one value per block shaped
+    ``[B, 1, ..., 1]`` (:meth:`larv_jax.larv.plan.Plan.leaf_scales`); None where there is none."""
     if scales is None:
         return None
     s = scales(path) if callable(scales) else scales.get(path, None)
     if s is None:
         return None
     s = np.asarray(s, dtype=np.float32)
-    if s.ndim == 1 and tree.is_stacked(path) and s.shape[0] == shape[0]:
-        return s.reshape((-1,) + (1,) * (len(shape) - 1))
-    if s.ndim != 0:
-        raise ValueError(f"scale for {path!r} has shape {s.shape}; expected a scalar or "
-                         f"[{shape[0]}] per block of a stacked leaf")
+    per_block = (shape[0],) + (1,) * (len(shape) - 1) if tree.is_stacked(path) else None
+    if s.ndim != 0 and s.shape != per_block:
+        raise ValueError(f"scale for {path!r} has shape {s.shape}; expected a scalar"
+                         + (f" or {list(per_block)}, one per block" if per_block else ""))
     return s
 
 
@@ -556,7 +546,8 @@ def apply_delta(base: Any, delta: Mapping[str, np.ndarray], *,
     none; leaves without a delta are the base's, unchanged).
 
     ``base``: an opened checkpoint, a path, or a flat ``{path: array}``. ``scales``: ``{path: s}``
-    or ``s(path)``; ``s`` is a scalar or, for stacked leaves, one value per block ``[B]``. With
+    or ``s(path)``; ``s`` is a scalar or, for stacked leaves, one value per block shaped
+    ``[B, 1, ..., 1]``. With
     ``consume`` the entries of ``delta`` (a dict) are released as they are used; with
     ``inplace`` as well (float32 delta arrays nobody else holds, as :func:`merge_delta` returns),
     each ``theta`` is computed in its delta's memory (no second model-sized allocation).
@@ -567,10 +558,9 @@ def apply_delta(base: Any, delta: Mapping[str, np.ndarray], *,
         paths = list(base)
         get = lambda p: np.array(base[p], dtype=np.float32)  # noqa: E731  (a copy: ours to add to)
     else:
-        base = _open(base)
+        base = open_source(base)
         paths = list(base.paths())
-        leaf = functools.partial(base.leaf, native=True) if _takes_out(type(base)) else base.leaf
-        get = lambda p: np.asarray(leaf(p), dtype=np.float32)  # noqa: E731  (fresh)
+        get = functools.partial(base.leaf, native=True)  # fresh float32, the stored order
     unknown = sorted(set(delta) - set(paths))
     if unknown:
         raise ValueError(f"delta has leaves the base lacks: {unknown[:5]}")
@@ -602,7 +592,7 @@ def merge_checkpoints(base: Any, models: Sequence[Any], method: str, *,
     ``kwargs`` are those of :func:`merge_delta` (``svc``, ``svc_alpha``, ``hash_inputs``, method
     hyperparameters); ``scales`` those of :func:`apply_delta` (the LARV veneer's per-leaf ``s``).
     """
-    base = _open(base)
+    base = open_source(base)
     delta, report = merge_delta(base, models, method, **kwargs)
     t0 = time.perf_counter()
     params = apply_delta(base, delta, scales=scales, consume=True, inplace=True)
