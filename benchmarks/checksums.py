@@ -41,6 +41,7 @@ from pathlib import Path
 
 VOLATILE = frozenset({"timings", "seconds", "merge_seconds", "diag_seconds",
                       "base_cache_overlapped_s", "versions"})
+# the registry's names as of the recorded checksums (a new method adds runs, not differences)
 METHODS = ["simple_average", "task_arithmetic", "ties", "ties_paper", "dare_task_arithmetic",
            "dare_ties", "dare_average", "tsv_m", "iso_c", "iso_cts"]
 REPO = Path(__file__).resolve().parent.parent

@@ -8,9 +8,8 @@ from helpers import larv_reference
 
 from larv_jax import diagnostics as dg
 from larv_jax import tree as ltree
-from larv_jax.larv import mergers
 from larv_jax.larv import plan as L
-from larv_jax.merging import task_vectors
+from larv_jax.merging import registry, task_vectors
 from larv_jax.models.clip import abstract_params
 from larv_jax.models.config import CLIPConfig, VisionConfig
 
@@ -50,9 +49,9 @@ def larv(base, models, *, method, gate="tiered", svc=None, **kw):
     """merge -> plan -> apply on in-memory models (or task vectors); ``method`` a callable or a
     registry name (``svc=True``: the registry's SVC of that method)."""
     tau = models if isinstance(models, dict) else task_vectors(base, models)
-    merge = mergers.merger(method) if isinstance(method, str) else method
+    merge = registry.bind(method) if isinstance(method, str) else method
     if svc is True:
-        svc = mergers.svc(method)
+        svc = registry.bind_svc(method)
     return larv_reference(base, tau, merge, gate=gate, svc=svc, **kw)
 
 
@@ -268,9 +267,9 @@ def test_checkpoint_inputs_stream_and_match_memory(zoo, tmp_path):
     for kw in ({"gate": "tiered"}, {"gate": "tiered", "apply": "pre"},
                {"gate": "continuous", "svc": True}):
         lazy = TaskVectors(ckpt, paths)
-        svc = mergers.svc("ties") if kw.get("svc") else None
+        svc = registry.bind_svc("ties") if kw.get("svc") else None
         opts = {k: v for k, v in kw.items() if k != "svc"}
-        a, ra = larv_reference(ckpt.flat(native=True), lazy, mergers.merger("ties"), svc=svc,
+        a, ra = larv_reference(ckpt.flat(native=True), lazy, registry.bind("ties"), svc=svc,
                                **opts)
         b, rb = larv(base, models, method="ties", **kw)
         np.testing.assert_array_equal(ra.s, rb.s)

@@ -170,7 +170,7 @@ def test_cli_merge_with_larv_matches_library(tmp_path):
     """`larv merge --larv tiered` writes what merge -> plan -> apply computes in memory, and
     reports every unit."""
     from larv_jax.cli import main
-    from larv_jax.larv import mergers
+    from larv_jax.merging import registry
 
     base, models = zoo(3, cfg=FULL)
     save_hf(base, FULL, tmp_path / "base")
@@ -186,7 +186,7 @@ def test_cli_merge_with_larv_matches_library(tmp_path):
     assert {"name", "depth", "e", "c", "z", "w", "s"} <= set(units[0])
     assert sorted({u["s"] for u in units}) <= [0.5, 1.0, 1.5]
     tau = {p: np.stack([m[p] - base[p] for m in models]) for p in models[0]}
-    want, res = larv_reference(base, tau, mergers.merger("task_arithmetic"),
+    want, res = larv_reference(base, tau, registry.bind("task_arithmetic"),
                                gate="tiered")
     got = load_checkpoint(out).flat()
     for p in got:

@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-METHOD_NAMES = ["simple_average", "task_arithmetic", "ties", "ties_paper", "dare_task_arithmetic",
-                "dare_ties", "dare_average", "tsv_m", "iso_c", "iso_cts"]
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("merge", help="merge fine-tuned checkpoints (optionally with LARV)",
@@ -21,7 +18,9 @@ def add_parser(sub) -> None:
                    help="pretrained checkpoint theta0 (HF dir / .safetensors / OpenAI .pt)")
     p.add_argument("--models", required=True, nargs="+", type=Path,
                    help="fine-tuned checkpoints theta_1..theta_K (same keys and shapes)")
-    p.add_argument("--method", required=True, choices=METHOD_NAMES,
+    from larv_jax.merging.registry import METHODS
+
+    p.add_argument("--method", required=True, choices=list(METHODS),
                    help="base merger (SPEC §4); its defaults are FusionBench's")
     p.add_argument("--scale", type=float, default=None,
                    help="the method's global coefficient (default: the method's own, e.g. TA "
@@ -94,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.caches import base_cache_dir
     from larv_jax.checkpoint import load_checkpoint, save_hf
     from larv_jax.cli.flags import larv_kwargs, parse_key_values
-    from larv_jax.larv import mergers, schedules
     from larv_jax.larv import plan as L
-    from larv_jax.merging import TaskVectors, merge_delta
+    from larv_jax.larv import schedules
+    from larv_jax.merging import TaskVectors, bind, bind_svc, merge_delta
 
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists (pass --overwrite to replace it)")
@@ -133,11 +132,10 @@ def run(args: argparse.Namespace) -> int:
             cache = dg.base_cache(base_flat, units, mode=lk["base_mode"],
                                   key=jax.random.PRNGKey(lk["seed"]), store=base_cache_dir())
         if lk["apply"] == "pre" or svc_later:  # these re-merge / calibrate through the engine
-            merge = mergers.merger(args.method, model=base.config.name, **hparams)
+            merge = bind(args.method, model=base.config.name, **hparams)
             tau = TaskVectors(base, models, list(delta))
             if args.svc:
-                alpha = args.svc_alpha
-                svc = mergers.svc(args.method, **({} if alpha is None else {"alpha": alpha}))
+                svc = bind_svc(args.method, alpha=args.svc_alpha)
         p = L.plan(base_flat, delta, gate=lk["gate"], units=units, cache=cache,
                    key=jax.random.PRNGKey(lk["seed"]), mode=lk["mode"],
                    diag_options=lk["diag_options"], **lk["gate_options"])

@@ -170,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.checkpoint import load_checkpoint
     from larv_jax.io import atomic_path, write_json, write_text
     from larv_jax.larv import grid
-    from larv_jax.larv import mergers as M
-    from larv_jax.merging import task_vectors
+    from larv_jax.merging import bind, bind_svc, task_vectors
 
     t0 = time.perf_counter()
     base_ckpt = load_checkpoint(base_path)
@@ -203,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     for row in grid.run_grid(
             base=base_flat, tau=tau, mergers=mergers, gates=gates,
-            resolve_merger=functools.partial(M.merger, model=base_ckpt.config.name),
-            resolve_svc=M.svc, granularity=config.granularity,
+            resolve_merger=functools.partial(bind, model=base_ckpt.config.name),
+            resolve_svc=bind_svc, granularity=config.granularity,
             diag_mode=d.mode, base_mode=d.base_mode, seed=int(d.seed),
             diag_options={"k": int(d.k), "p": int(d.p), "q": int(d.q)}, evaluate=evaluate,
             counters=counters, on_diagnostics=on_diagnostics, base_store=base_cache_dir(),

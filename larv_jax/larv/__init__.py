@@ -6,7 +6,6 @@
   ``compute_scales(spec, e=, c=, ...)``.
 - :mod:`larv_jax.larv.plan`: the one LARV entry, ``plan(base, delta, gate=...)`` (units, e, c,
   z, w, s) and ``apply(base, delta, plan)`` (theta0 + s * D; post, pre, SVC order).
-- :mod:`larv_jax.larv.mergers`: merging-registry names -> merger callables.
 - :mod:`larv_jax.larv.grid`: experiment grids, a loop over plan / apply (``larv run``,
   ``larv demo``).
 

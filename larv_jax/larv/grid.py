@@ -64,8 +64,8 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
         (only ``gate`` is required). ``options`` hold gate and score options (``alpha``,
         ``use_c``, ...).
       resolve_merger: ``resolve_merger(method, **options) -> merge(tau_flat) -> delta_flat``
-        (:func:`larv_jax.larv.mergers.merger`). resolve_svc: ``resolve_svc(method,
-        **svc_options) -> svc`` (:func:`larv_jax.larv.mergers.svc`).
+        (:func:`larv_jax.merging.registry.bind`). resolve_svc: ``resolve_svc(method,
+        **svc_options) -> svc`` (:func:`larv_jax.merging.registry.bind_svc`).
       granularity: LARV units (``module`` | ``block``).
       diag_mode / base_mode: diagnostics mode of D and of the base cache; ``seed`` keys the
         randomized SVD; ``diag_options`` (k, p, q, eps, zero_rtol) pass through.

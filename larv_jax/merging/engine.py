@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import importlib.metadata
-import inspect
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -369,38 +368,6 @@ def _validate(base: Any, models: Sequence[Any]) -> tuple[list[str], list[str]]:
     return merged, copied
 
 
-def resolve_hparams(method: str, hparams: Mapping[str, Any], *,
-                    model: str | None = None) -> dict[str, Any]:
-    """Every keyword of ``METHODS[method]`` with its value (given, else the preset's default).
-
-    Unknown keywords raise a ValueError naming them; ``model`` fills Iso-C's ``model`` argument.
-    """
-    from larv_jax.merging import get_method
-
-    fn = get_method(method)
-    params = {n: p for n, p in inspect.signature(fn).parameters.items()
-              if p.kind == p.KEYWORD_ONLY}
-    extra_ok = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
-    unknown = sorted(set(hparams) - set(params))
-    if unknown and not extra_ok:
-        raise ValueError(f"{method}: unknown hyperparameter(s) {unknown}; valid: {sorted(params)}")
-    out = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-    out.update(getattr(fn, "keywords", {}))           # preset keywords beyond the signature
-    if "model" in params and model is not None:
-        out["model"] = model
-    out.update(hparams)
-    if "then" in out:                                 # DARE: the following merger's defaults too
-        then = inspect.signature(get_method(out["then"])).parameters
-        for n, p in then.items():
-            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty:
-                out.setdefault(n, p.default)
-    if method == "iso_c" and out.get("scale") is None:
-        from larv_jax.merging.methods import ISO_C_SCALES
-
-        out["scale"] = ISO_C_SCALES.get(out.get("model"), 1.0)
-    return out
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
@@ -458,19 +425,19 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
     ``report["copied_from_base"]`` and have no delta. Float16 / bfloat16 inputs are read as
     float32 (``report["upcast"]``).
     """
-    from larv_jax.merging import get_method
+    from larv_jax.merging import registry
     from larv_jax.merging import svc as svc_fn
     from larv_jax.merging import svc_alpha as default_alpha
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    fn = get_method(method)
+    fn = registry.get_method(method)
     base = open_source(base)
     models = [open_source(m) for m in models]
     merged_paths, copied = _validate(base, models)
     config = base.config
     model_name = None if config is None else config.name
-    hp = resolve_hparams(method, hparams, model=model_name)
+    hp = registry.hparams(method, hparams, model=model_name)
     alpha = None
     if svc:
         alpha = default_alpha(method) if svc_alpha is None else float(svc_alpha)
