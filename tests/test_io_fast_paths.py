@@ -140,7 +140,7 @@ def test_streamed_task_arithmetic_and_inplace_apply_match_in_memory(ckpts):
 def test_chunked_raw_reads_match_leafwise_reads_and_numpy(ckpts, monkeypatch):
     """The cache-sized chunk path (float32 safetensors) against the per-model leaf path and a
     numpy reference, with chunks that straddle nothing and do not divide the blocks."""
-    from larv_jax.merging import engine
+    from larv_jax.merging import stream
 
     root, base, models = ckpts
     b = load_checkpoint(root / "base")
@@ -149,7 +149,7 @@ def test_chunked_raw_reads_match_leafwise_reads_and_numpy(ckpts, monkeypatch):
     layout, swapped = ms[0].raw_layout(kernel)
     assert swapped and len(layout) == VCFG.vision.layers            # one span per block
     assert ms[0].raw_layout("visual/conv1/kernel") is None           # the conv needs a reshape
-    monkeypatch.setattr(engine, "_CHUNK", 37)                        # 1280-element blocks
+    monkeypatch.setattr(stream, "_CHUNK", 37)                        # 1280-element blocks
     fast = TaskVectors(b, ms, b.paths(), read_ahead_bytes=1)
     slow = TaskVectors(b, ms, b.paths())
     monkeypatch.setattr(slow, "_raw_layouts", lambda path, leaf: None)
@@ -190,7 +190,7 @@ def test_chunked_reads_fall_back_for_other_dtypes_and_layouts(ckpts, tmp_path):
 
 
 def test_chunked_reads_name_the_file_with_nan_and_a_truncated_file(ckpts, tmp_path):
-    from larv_jax.merging import engine
+    from larv_jax.merging import stream
 
     root, base, models = ckpts
     bad = {p: v.copy() for p, v in models[2].items()}
@@ -212,7 +212,7 @@ def test_chunked_reads_name_the_file_with_nan_and_a_truncated_file(ckpts, tmp_pa
     fd = os.open(short, os.O_RDONLY)
     try:
         with pytest.raises(ValueError, match="short.bin: truncated"):
-            engine._pread(fd, np.empty(4, np.float32), 0, short)
+            stream._pread(fd, np.empty(4, np.float32), 0, short)
     finally:
         os.close(fd)
     tv.close()

@@ -10,7 +10,6 @@ defaults, binding) is :mod:`larv_jax.merging.registry`.
 
 from larv_jax.merging.engine import (
     MergeResult,
-    TaskVectors,
     apply_delta,
     merge_checkpoints,
     merge_delta,
@@ -33,6 +32,7 @@ from larv_jax.merging.methods import (
 )
 from larv_jax.merging.registry import METHODS, bind, bind_svc, get_method, hparams
 from larv_jax.merging.sources import LeafSource, TreeSource, open_source
+from larv_jax.merging.stream import TaskVectors
 from larv_jax.merging.svc import SVC_ALPHA, svc, svc_alpha
 
 __all__ = [

@@ -4,7 +4,7 @@ Every method has the signature ``method(task_vectors, **hparams) -> delta``:
 
 * ``task_vectors``: a mapping ``{path: tau [K, ...]}`` (task axis first, then the Flax leaf,
   stacked leaves ``[K, B, ...]``), or the same as a nested dict. Any ``Mapping`` works, including
-  a lazy one that reads leaves from disk on access (:class:`larv_jax.merging.engine.TaskVectors`):
+  a lazy one that reads leaves from disk on access (:class:`larv_jax.merging.stream.TaskVectors`):
   every method touches one leaf at a time, which is what makes the streaming engine stream.
 * ``delta``: ``{path: D}`` float32 numpy, Flax layout, the same tree structure as the input, and
   INCLUDING the method's own global coefficient, so that ``theta = theta0 + D`` (and LARV's
