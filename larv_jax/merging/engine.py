@@ -26,8 +26,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from larv_jax import tree
+from larv_jax.merging import registry
 from larv_jax.merging.sources import LeafSource, open_source
 from larv_jax.merging.stream import TaskVectors, validate
+from larv_jax.merging.svc import svc as svc_fn
+from larv_jax.merging.svc import svc_alpha as default_alpha
 
 Flat = dict[str, np.ndarray]
 
@@ -82,9 +85,11 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
                 **hparams: Any) -> MergeResult:
     """Merge fine-tuned checkpoints into a delta, streaming leaf by leaf.
 
-    ``base`` / ``models``: paths (opened with :func:`larv_jax.checkpoint.load_checkpoint`) or
-    opened checkpoints (anything with ``paths()``, ``shape(path)``, ``leaf(path)``). ``method`` is a
-    :data:`larv_jax.merging.METHODS` name; ``hparams`` override its defaults. With ``svc`` the
+    ``base`` / ``models``: checkpoint paths (opened with
+    :func:`larv_jax.checkpoint.load_checkpoint`), opened checkpoints or parameter trees (any
+    :class:`larv_jax.merging.sources.LeafSource`). ``method`` is a
+    :data:`larv_jax.merging.registry.METHODS` name; ``hparams`` override its defaults (checked by
+    :func:`larv_jax.merging.registry.hparams`). With ``svc`` the
     delta is post-processed by :func:`larv_jax.merging.svc` (``svc_alpha`` defaults to the
     method's value, :data:`larv_jax.merging.SVC_ALPHA`).
 
@@ -94,10 +99,6 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
     ``report["copied_from_base"]`` and have no delta. Float16 / bfloat16 inputs are read as
     float32 (``report["upcast"]``).
     """
-    from larv_jax.merging import registry
-    from larv_jax.merging import svc as svc_fn
-    from larv_jax.merging import svc_alpha as default_alpha
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     fn = registry.get_method(method)
