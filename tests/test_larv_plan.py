@@ -308,3 +308,22 @@ def test_merge_command_matches_the_library(zoo, tmp_path, argv, svc):
     np.testing.assert_array_equal([u["s"] for u in report["larv"]["units"]], res.s)
     for p in base:
         np.testing.assert_allclose(got[p], want[p], rtol=1e-6, atol=1e-7, err_msg=p)
+
+
+def test_merge_command_refuses_pre_with_larv_first_before_merging(zoo, tmp_path, capsys,
+                                                                    monkeypatch):
+    from larv_jax.checkpoint import save_hf
+    from larv_jax.cli import main
+
+    base, models = zoo
+    save_hf(base, TINY, tmp_path / "base")
+    save_hf(models[0], TINY, tmp_path / "m0")
+    merged = []
+    monkeypatch.setattr("larv_jax.merging.merge_delta", lambda *a, **k: merged.append(1))
+    out = tmp_path / "out"
+    assert main(["merge", "--base", str(tmp_path / "base"), "--models", str(tmp_path / "m0"),
+                 "--method", "ties", "--svc", "--larv", "tiered", "--larv-apply", "pre",
+                 "--larv-svc-order", "larv_first", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use svc_order='svc_first'" in err[0]
+    assert merged == [] and not out.exists()

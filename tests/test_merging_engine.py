@@ -316,3 +316,27 @@ def test_cli_persistent_compilation_cache(tmp_path):
         np.testing.assert_array_equal(third[p], first[p], err_msg=p)
     _, source = run("c", "off")
     assert source == "computed" and not (tmp_path / "xdg").exists()
+
+
+def test_plain_merge_command_never_imports_jax(tmp_path):
+    """`larv merge` without --larv imports neither jax nor the diagnostics (a fresh process;
+    0.5-1.5 s and ~150 MB of every merge otherwise), and with --larv it does."""
+    import os
+    import subprocess
+    import sys
+
+    base, models = zoo(2)
+    save_hf(base, VCFG, tmp_path / "base")
+    for i, m in enumerate(models):
+        save_hf(m, VCFG, tmp_path / f"m{i}")
+    code = ("import sys; from larv_jax.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'jax' in sys.modules, 'larv_jax.diagnostics' in sys.modules)")
+    env = {**os.environ, "LARV_JAX_CACHE_DIR": "off"}
+    for extra, want in (([], "0 False False"), (["--larv", "linear"], "0 True True")):
+        argv = ["merge", "--base", str(tmp_path / "base"), "--models", str(tmp_path / "m0"),
+                str(tmp_path / "m1"), "--method", "ties", "--no-hash", "--overwrite",
+                "--out", str(tmp_path / "out"), *extra]
+        r = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == want, extra

@@ -87,15 +87,10 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
-    import jax
-
-    from larv_jax import diagnostics as dg
-    from larv_jax.caches import base_cache_dir
     from larv_jax.checkpoint import load_checkpoint, save_hf
     from larv_jax.cli.flags import larv_kwargs, parse_key_values
-    from larv_jax.larv import plan as L
     from larv_jax.larv import schedules
-    from larv_jax.merging import TaskVectors, bind, bind_svc, merge_delta
+    from larv_jax.merging import TaskVectors, apply_delta, bind, bind_svc, merge_delta
 
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists (pass --overwrite to replace it)")
@@ -106,6 +101,14 @@ def run(args: argparse.Namespace) -> int:
         hparams["key"] = args.seed
     lk = larv_kwargs(args)
     larv_on = not schedules.is_identity(lk["gate"], **lk["gate_options"])
+    if larv_on:  # jax and the diagnostics only then: a plain merge never imports them
+        import jax
+
+        from larv_jax import diagnostics as dg
+        from larv_jax.caches import base_cache_dir
+        from larv_jax.larv import plan as L
+
+        L.check_modes(lk["apply"], lk["svc_order"], args.svc)  # before the (slow) merge
     svc_later = larv_on and args.svc and lk["svc_order"] == "larv_first"
     base = load_checkpoint(args.base)
     models = [load_checkpoint(m) for m in args.models]
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                                 svc_alpha=args.svc_alpha, hash_inputs=not args.no_hash, **hparams)
     # LARV veneer (--larv ...): s from (base, delta); theta = theta0 + s * D.
     t0 = time.perf_counter()
-    p = merge = svc = tau = None
+    scales = None
     report["larv"] = None
     if larv_on:
         pre = _prefetched(prefetched)
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if needs_diag and cache is None:
             cache = dg.base_cache(base_flat, units, mode=lk["base_mode"],
                                   key=jax.random.PRNGKey(lk["seed"]), store=base_cache_dir())
+        merge = svc = tau = None
         if lk["apply"] == "pre" or svc_later:  # these re-merge / calibrate through the engine
             merge = bind(args.method, model=base.config.name, **hparams)
             tau = TaskVectors(base, models, list(delta))
@@ -147,10 +151,12 @@ def run(args: argparse.Namespace) -> int:
             "granularity": lk["granularity"],
             "diagnostics": None if p.diagnostics is None else p.diagnostics.settings,
             "units": [r._asdict() for r in p.report()]}
+        # what L.apply does, in two steps so that the first pass is released before the apply
+        delta, scales = L.compose(p, shapes, delta, apply=lk["apply"], merge=merge, tau=tau,
+                                  svc=svc, svc_order=lk["svc_order"])
     report["timings"]["larv_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    params = L.apply(base, delta, p, mode=lk["apply"], merge=merge, tau=tau, svc=svc,
-                     svc_order=lk["svc_order"], consume=True, inplace=True)
+    params = apply_delta(base, delta, scales=scales, consume=True, inplace=True)
     report["timings"]["apply_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     text = json.dumps(report, indent=2) + "\n"
