@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         from larv_jax.larv import plan as L
 
         L.check_modes(lk["apply"], lk["svc_order"], args.svc)  # before the (slow) merge
+        needs_diag = L.needs_diagnostics(lk["gate"])
     svc_later = larv_on and args.svc and lk["svc_order"] == "larv_first"
     base = load_checkpoint(args.base)
     models = [load_checkpoint(m) for m in args.models]
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         # the units depend on the base's shapes and the merged leaves alone: computed once
         shapes = {p: tuple(base.shape(p)) for p in base.paths()}
         units = L.units_for(shapes, set(models[0].paths()), lk["granularity"])
-        if L.needs_diagnostics(lk["gate"]):
+        if needs_diag:
             prefetched = _start_base_cache(args.base, units, lk)
     delta, report = merge_delta(base, models, args.method, svc=args.svc and not svc_later,
                                 svc_alpha=args.svc_alpha, hash_inputs=not args.no_hash, **hparams)
@@ -128,7 +129,6 @@ def run(args: argparse.Namespace) -> int:
     if larv_on:
         pre = _prefetched(prefetched)
         # the source's memory order, like the merged delta: theta0 + s * D needs no transposes
-        needs_diag = L.needs_diagnostics(lk["gate"])
         base_flat = (pre[0] if pre is not None else base.flat(native=True)) if needs_diag else {}
         cache, cache_s = (pre[1], pre[2]) if pre is not None else (None, None)
         if needs_diag and cache is None:

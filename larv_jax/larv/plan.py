@@ -183,12 +183,12 @@ def plan(base: Mapping[str, Any], delta: Mapping[str, Any], *, gate: str = "tier
     ``apply(base, delta, p) == theta0 + D`` bit for bit.
     """
     base_flat, delta_flat = as_flat(base), as_flat(delta)
-    schedules.parse_spec(gate)  # an unknown name fails before any work
     bad = sorted(set(diag_options or {}) - set(DIAG_OPTIONS))
     if bad:
         raise ValueError(f"unknown diagnostics option(s) {bad}; valid: {list(DIAG_OPTIONS)}")
     unit_list = tuple(units_for(base_flat, delta_flat, granularity) if units is None else units)
-    if diagnostics is None and (always_diagnose or needs_diagnostics(gate)):
+    # needs_diagnostics parses the spec: an unknown name fails before any work
+    if diagnostics is None and (needs_diagnostics(gate) or always_diagnose):
         diagnostics = dg.diagnose(
             base_flat, full_delta(delta_flat, base_flat), units=unit_list,
             key=jax.random.PRNGKey(0) if key is None else key, mode=mode, cache=cache,
