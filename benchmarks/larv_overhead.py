@@ -73,34 +73,28 @@ def make_checkpoints(workdir: Path, preset: str, tasks: int, quick: bool) -> tup
 def larv_steps(base_flat, delta, *, cache=None, mode="randomized"):
     """The veneer on a finished merge; returns (params, timings, s, diagnostics, cache)."""
     import jax
-    import numpy as np
 
     from larv_jax import diagnostics as dg
-    from larv_jax.larv import schedules
-    from larv_jax.larv import veneer as V
-    from larv_jax.merging import apply_delta
+    from larv_jax.larv import plan as L
 
     t = {}
     t0 = time.perf_counter()
-    unit_list = V.units_for(base_flat, delta)
+    unit_list = L.units_for(base_flat, delta)
     if cache is None:
         cache = dg.base_cache(base_flat, unit_list)
         jax.block_until_ready((cache.reff, cache.norm, [g for g in cache.gram if g is not None]))
     t["base_cache_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    diag = dg.diagnose(base_flat, delta, units=unit_list, key=jax.random.PRNGKey(0), mode=mode,
-                       cache=cache)
+    diag = L.plan(base_flat, delta, gate="none", units=unit_list, cache=cache,
+                  key=jax.random.PRNGKey(0), mode=mode, always_diagnose=True).diagnostics
     t["diagnose_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = schedules.compute_scales("tiered", e=diag.e, c=diag.c)
-    scales = V.scale_tree(unit_list, res.s, {p: np.shape(v) for p, v in base_flat.items()})
-    # apply_delta takes a scalar or [B] per stacked leaf (scale_tree gives [B, 1, ..])
-    scales = {p: v.reshape(-1) if v.ndim else v for p, v in scales.items()}
+    p = L.plan(base_flat, delta, gate="tiered", units=unit_list, diagnostics=diag)
     t["gate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    params = apply_delta(base_flat, delta, scales=scales, consume=True, inplace=True)  # as the CLI
+    params = L.apply(base_flat, delta, p, consume=True, inplace=True)  # as the CLI
     t["apply_s"] = time.perf_counter() - t0
-    return params, t, res.s, diag, cache
+    return params, t, p.s, diag, cache
 
 
 def bench(method: str, base_dir: Path, model_dirs: list, repeats: int) -> dict:

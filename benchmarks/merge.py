@@ -36,8 +36,6 @@ FUSIONBENCH_S = {"task_arithmetic": 16.0, "iso_c": 24.0, "ties": 119.0, "tsv_m":
 FUSIONBENCH_SVC_EXTRA_S = (40.0, 55.0)
 FUSIONBENCH_RSS_GB = {"ties": 20.7}
 
-ALL = ["simple_average", "task_arithmetic", "ties", "ties_paper", "dare_task_arithmetic",
-       "dare_ties", "dare_average", "tsv_m", "iso_c", "iso_cts"]
 SVC_FOR = ["task_arithmetic", "tsv_m", "iso_c", "iso_cts"]
 
 
@@ -174,7 +172,9 @@ def main() -> None:
     t0 = time.perf_counter()
     base, models = make_zoo(workdir, k, layers, args.preset)
     print(f"zoo ready in {time.perf_counter() - t0:.1f}s: {workdir}", flush=True)
-    methods = args.methods or (["task_arithmetic", "ties", "iso_c"] if args.quick else ALL)
+    from larv_jax.merging.registry import METHODS
+
+    methods = args.methods or (["task_arithmetic", "ties", "iso_c"] if args.quick else list(METHODS))
     plain = [(m, False) for m in methods]
     if not args.no_svc:
         plain += [(m, True) for m in methods if m in SVC_FOR]

@@ -28,20 +28,21 @@ model_dirs = [snapshot_download(f"tanganke/clip-vit-base-patch32_{t}",
                                 allow_patterns=["*.json", "*.safetensors"]) for t in TASKS]"""),
     ("code", """# Task Arithmetic, and Task Arithmetic + LARV (tiered gate), streamed leaf by leaf.
 from larv_jax.checkpoint import load_checkpoint
-from larv_jax.larv import larv_merge
-from larv_jax.merging import apply_delta, merge_delta
+from larv_jax.larv.plan import apply, plan
+from larv_jax.merging import merge_delta
 
 base = load_checkpoint(base_dir)
 models = [load_checkpoint(d) for d in model_dirs]
 ta_delta, report = merge_delta(base, models, "task_arithmetic")
-ta = apply_delta(base, ta_delta)
-larv, res = larv_merge(base_dir, model_dirs, method="task_arithmetic", gate="tiered")
-for u in res.report[:6]:
+ta = apply(base, ta_delta)                              # theta0 + D
+p = plan(base.flat(native=True), ta_delta, gate="tiered")   # units, e, c, z, w, s
+larv = apply(base, ta_delta, p)                         # theta0 + s * D
+for u in p.report()[:6]:
     print(u)"""),
     ("code", """# The Figure-2-style plot: e, c and the scales s against depth.
 from IPython.display import Image
 from larv_jax import diagnostics as dg
-dg.plot(res.diagnostics, "diagnostics.png", s=[u.s for u in res.report])
+dg.plot(p.diagnostics, "diagnostics.png", s=p.s)
 Image("diagnostics.png")"""),
     ("code", """# Zero-shot evaluation on TFDS (downloads the datasets that TFDS can fetch: MNIST, SVHN, DTD, ...).
 import tensorflow_datasets as tfds

@@ -26,8 +26,6 @@ Fields (all plain Python / ConfigDict values; ``larv run --set KEY=VALUE`` overr
 
 from __future__ import annotations
 
-import ast
-
 import ml_collections
 
 # FusionBench task names, in FusionBench order: TA8 = first 8, TALL14 = first 14, TALL20 = all.
@@ -67,20 +65,19 @@ def eval_name(task: str) -> str:
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """``"quick,checkpoint_dir=/data"`` -> ConfigDict; a bare word is a True flag (big_vision's
-    ``configs/common.py::parse_arg``). Values are Python literals or strings."""
+    ``configs/common.py::parse_arg``). Values as ``larv run --set`` reads them
+    (:func:`larv_jax.cli.flags.parse_key_values`: Python literals, true/false, else strings)."""
+    from larv_jax.cli.flags import parse_key_values
+
     out = dict(defaults)
     for item in (arg or "").split(","):
         item = item.strip()
         if not item:
             continue
-        key, sep, raw = item.partition("=")
-        if not sep:
-            out[key] = True
+        if "=" not in item:
+            out[item] = True
             continue
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (SyntaxError, ValueError):
-            out[key] = raw
+        out.update(parse_key_values([item], "config arg"))
     return ml_collections.ConfigDict(out)
 
 

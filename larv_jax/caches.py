@@ -7,7 +7,7 @@ One root, ``$LARV_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/larv_jax`` (``~/.cache
   compile once per machine); a ``JAX_COMPILATION_CACHE_DIR`` set by the user wins;
 - ``<root>/larv-base``: the LARV per-base cache (r_eff(theta0), ||theta0||, the base Grams;
   ~58 MB for ViT-B/32, ~0.2 GB for ViT-L/14), one file per pretrained model, keyed by content
-  (:func:`larv_jax.diagnostics.engine.base_fingerprint`). Files can be deleted at any time.
+  (:func:`larv_jax.diagnostics.store.base_fingerprint`). Files can be deleted at any time.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ vectors / scalars      ``[D]`` / ``[]``             none
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -117,20 +117,6 @@ def first_match(path: str, rules: Iterable[tuple[str, Any]], default: Any = None
         if re.search(pattern, path):
             return value
     return default
-
-
-def map_with_regex(fn: Callable[[str, Any], Any], flat: Mapping[str, Any],
-                   rules: Iterable[tuple[str, Any]]) -> Flat:
-    """Apply ``fn(leaf, value)`` where a rule matches, identity elsewhere (first match wins)."""
-    rules = list(rules)
-    out = {}
-    for path, leaf in flat.items():
-        value = first_match(path, rules, default=_NO_MATCH)
-        out[path] = leaf if value is _NO_MATCH else fn(leaf, value)
-    return out
-
-
-_NO_MATCH = object()
 
 
 def num_params(flat: Mapping[str, Any]) -> int:

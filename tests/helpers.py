@@ -95,3 +95,19 @@ def openai_state_dict(hf_sd: dict) -> dict:
     out["text_projection"] = hf_sd["text_projection.weight"].T.contiguous()
     out["logit_scale"] = hf_sd["logit_scale"]
     return {k: v.half() for k, v in out.items()}  # OpenAI archives are fp16
+
+
+def larv_reference(base, tau, merge, *, gate, apply="post", svc=None, svc_order="svc_first",
+                   **plan_kwargs):
+    """The LARV pipeline written out with the library's three steps (merge -> plan -> apply), as
+    every caller runs it: ``(params_flat, plan)``. ``merge(tau) -> delta``; ``svc(delta, tau)``
+    before the plan unless ``svc_order="larv_first"``."""
+    from larv_jax.larv.plan import apply as apply_plan
+    from larv_jax.larv.plan import plan
+
+    delta = merge(tau)
+    if svc is not None and svc_order == "svc_first":
+        delta = svc(delta, tau)
+    p = plan(base, delta, gate=gate, **plan_kwargs)
+    return apply_plan(base, delta, p, mode=apply, merge=merge, tau=tau, svc=svc,
+                      svc_order=svc_order), p

@@ -140,7 +140,7 @@ def test_streamed_task_arithmetic_and_inplace_apply_match_in_memory(ckpts):
 def test_chunked_raw_reads_match_leafwise_reads_and_numpy(ckpts, monkeypatch):
     """The cache-sized chunk path (float32 safetensors) against the per-model leaf path and a
     numpy reference, with chunks that straddle nothing and do not divide the blocks."""
-    from larv_jax.merging import engine
+    from larv_jax.merging import stream
 
     root, base, models = ckpts
     b = load_checkpoint(root / "base")
@@ -149,7 +149,7 @@ def test_chunked_raw_reads_match_leafwise_reads_and_numpy(ckpts, monkeypatch):
     layout, swapped = ms[0].raw_layout(kernel)
     assert swapped and len(layout) == VCFG.vision.layers            # one span per block
     assert ms[0].raw_layout("visual/conv1/kernel") is None           # the conv needs a reshape
-    monkeypatch.setattr(engine, "_CHUNK", 37)                        # 1280-element blocks
+    monkeypatch.setattr(stream, "_CHUNK", 37)                        # 1280-element blocks
     fast = TaskVectors(b, ms, b.paths(), read_ahead_bytes=1)
     slow = TaskVectors(b, ms, b.paths())
     monkeypatch.setattr(slow, "_raw_layouts", lambda path, leaf: None)
@@ -169,7 +169,7 @@ def test_chunked_reads_fall_back_for_other_dtypes_and_layouts(ckpts, tmp_path):
     and give the same sums."""
     import ml_dtypes
 
-    from larv_jax.larv.veneer import FlatSource
+    from larv_jax.merging import TreeSource
 
     root, base, models = ckpts
     half = {p: v.astype(ml_dtypes.bfloat16) for p, v in models[0].items()}
@@ -182,7 +182,7 @@ def test_chunked_reads_fall_back_for_other_dtypes_and_layouts(ckpts, tmp_path):
     want = (half[kernel].astype(np.float32) - base[kernel]).astype(np.float64) + (
         models[1][kernel] - base[kernel]).astype(np.float64)
     np.testing.assert_array_equal(tv.task_sum(kernel), want)
-    flat = TaskVectors(FlatSource(base), [load_checkpoint(root / "m1")], list(base))
+    flat = TaskVectors(TreeSource(base), [load_checkpoint(root / "m1")], list(base))
     assert flat._raw_layouts(kernel, base[kernel]) is None           # C order vs [out, in]
     np.testing.assert_array_equal(flat.task_sum(kernel),
                                   (models[1][kernel] - base[kernel]).astype(np.float64))
@@ -190,7 +190,7 @@ def test_chunked_reads_fall_back_for_other_dtypes_and_layouts(ckpts, tmp_path):
 
 
 def test_chunked_reads_name_the_file_with_nan_and_a_truncated_file(ckpts, tmp_path):
-    from larv_jax.merging import engine
+    from larv_jax.merging import stream
 
     root, base, models = ckpts
     bad = {p: v.copy() for p, v in models[2].items()}
@@ -212,7 +212,7 @@ def test_chunked_reads_name_the_file_with_nan_and_a_truncated_file(ckpts, tmp_pa
     fd = os.open(short, os.O_RDONLY)
     try:
         with pytest.raises(ValueError, match="short.bin: truncated"):
-            engine._pread(fd, np.empty(4, np.float32), 0, short)
+            stream._pread(fd, np.empty(4, np.float32), 0, short)
     finally:
         os.close(fd)
     tv.close()

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
+from larv_jax.cli.flags import parse_key_values
 from larv_jax.larv import gates, schedules
-from larv_jax.larv.schedules import compute_scales, parse_options, parse_spec
+from larv_jax.larv.schedules import compute_scales, parse_spec
 
 
 def test_zscore_population_std_hand_case():
@@ -166,11 +167,17 @@ def test_compute_scales_errors():
         compute_scales("tiered(0.3)", e=[1.0], c=[1.0])
 
 
-def test_parse_options_and_helpers():
-    got = parse_options(["alpha=0.25", "tiers=0.4,1,1.6", "use_c=False", "use_r=true", "x=abc"])
-    assert got == {"alpha": 0.25, "tiers": (0.4, 1, 1.6), "use_c": False, "use_r": True, "x": "abc"}
+def test_parse_key_values_and_helpers():
+    got = parse_key_values(["alpha=0.25", "tiers=0.4,1,1.6", "use_c=False", "use_r=true",
+                            "x=abc", "exclude=['proj']"])
+    assert got == {"alpha": 0.25, "tiers": (0.4, 1, 1.6), "use_c": False, "use_r": True,
+                   "x": "abc", "exclude": ["proj"]}
+    for bad in (["alpha"], ["=1"]):
+        with pytest.raises(ValueError, match="--larv-set expects KEY=VALUE"):
+            parse_key_values(bad, "--larv-set")
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_options(["alpha"])
+        parse_key_values(["a.b=1"], "--larv-set", identifiers=True)
+    assert parse_key_values(["diagnostics.k=8"]) == {"diagnostics.k": 8}
     assert schedules.is_identity("none") and schedules.is_identity("uniform(1)")
     assert not schedules.is_identity("uniform(1.2)") and not schedules.is_identity("tiered")
     assert schedules.describe("tiered", alpha=0.25) == "tiered(alpha=0.25)"

@@ -5,13 +5,14 @@ import json
 
 import numpy as np
 import pytest
+from helpers import larv_reference
 
 from larv_jax import diagnostics as dg
 from larv_jax import tree as ltree
 from larv_jax.checkpoint import save_hf
 from larv_jax.cli import main
 from larv_jax.larv import grid
-from larv_jax.larv import veneer as V
+from larv_jax.merging import task_vectors
 from larv_jax.models.clip import abstract_params
 from larv_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 
@@ -78,7 +79,7 @@ def counting(monkeypatch):
 
 def test_run_grid_reuses_diagnostics(zoo, counting):
     _, base, models = zoo
-    tau = V.task_vectors(base, models)
+    tau = task_vectors(base, models)
     resolve = {"ta": lambda: _reference_ta, "mx": lambda: _reference_ties_like}
     merge_calls = collections.Counter()
 
@@ -102,12 +103,12 @@ def test_run_grid_reuses_diagnostics(zoo, counting):
     assert counting == {"base_cache": 1, "diagnose": 2}
     assert merge_calls == {"ta": 2, "mx": 2}
     assert counters["merge"] == 4 and counters["diagnostics"] == 2
-    # every cell agrees with a direct larv_merge of the same setting
+    # every cell agrees with merge -> plan -> apply of the same setting, run here on its own
     for row, g in zip(rows[:6], gates, strict=True):
-        params, res = V.larv_merge(base, tau, method=_reference_ta, gate=g["gate"],
-                                   apply=g.get("apply", "post"), diag_options={"k": 4, "p": 2,
-                                                                                "q": 1},
-                                   **g.get("options", {}))
+        params, res = larv_reference(base, tau, _reference_ta, gate=g["gate"],
+                                     apply=g.get("apply", "post"),
+                                     diag_options={"k": 4, "p": 2, "q": 1},
+                                     **g.get("options", {}))
         np.testing.assert_array_equal(row["s"], res.s)
         norm = np.sqrt(sum(np.sum((params[p] - base[p]).astype(np.float64) ** 2) for p in base))
         assert row["update_norm"] == pytest.approx(norm, rel=1e-9)

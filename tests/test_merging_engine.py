@@ -7,10 +7,19 @@ import json
 
 import numpy as np
 import pytest
+from helpers import larv_reference
 
 from larv_jax import tree
 from larv_jax.checkpoint import load_checkpoint, save_hf
-from larv_jax.merging import METHODS, apply_delta, merge_checkpoints, merge_delta, svc, svc_alpha
+from larv_jax.merging import (
+    METHODS,
+    TreeSource,
+    apply_delta,
+    merge_checkpoints,
+    merge_delta,
+    svc,
+    svc_alpha,
+)
 from larv_jax.models.clip import abstract_params
 from larv_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 
@@ -27,22 +36,16 @@ def random_params(cfg, seed, scale=1.0):
             for p, s in tree.flatten(abstract_params(cfg)).items()}
 
 
-class FakeCkpt:
-    """In-memory checkpoint with the larv_jax.checkpoint interface."""
+class FakeCkpt(TreeSource):
+    """An in-memory checkpoint (a :class:`TreeSource`) that counts its leaf reads."""
 
     def __init__(self, flat, name, config=VCFG, dtype="float32"):
-        self.flat, self.origin, self.config, self.source_dtype = flat, name, config, dtype
+        super().__init__(flat, name, config=config, source_dtype=dtype)
         self.reads = 0
 
-    def paths(self):
-        return list(self.flat)
-
-    def shape(self, p):
-        return self.flat[p].shape
-
-    def leaf(self, p):
+    def leaf(self, path, block=None, out=None, *, native=False):
         self.reads += 1
-        return self.flat[p].copy()
+        return super().leaf(path, block, out, native=native)
 
 
 def zoo(k=3, cfg=VCFG):
@@ -92,7 +95,7 @@ def test_base_only_leaves_copied_and_scales():
     assert set(report["copied_from_base"]) == set(base) - set(models[0])
     assert not set(delta) & set(report["copied_from_base"])
     q = "visual/transformer/resblocks/attn/query/kernel"
-    scales = {q: np.array([0.5, 2.0]), "visual/ln_post/bias": 0.0}
+    scales = {q: np.array([0.5, 2.0]).reshape(2, 1, 1), "visual/ln_post/bias": 0.0}
     params = apply_delta(b, delta, scales=scales)
     for p in base:
         if p.startswith("text/") or p == "logit_scale" or p == "visual/ln_post/bias":
@@ -100,8 +103,9 @@ def test_base_only_leaves_copied_and_scales():
     tau = sum(m[q] - base[q] for m in models)
     np.testing.assert_allclose(params[q][0], base[q][0] + 0.5 * tau[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(params[q][1], base[q][1] + 2.0 * tau[1], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="per block"):
-        apply_delta(b, delta, scales={q: np.ones(3)})
+    for bad in (np.ones(3), np.ones(2)):  # not [B, 1, 1]
+        with pytest.raises(ValueError, match="per block"):
+            apply_delta(b, delta, scales={q: bad})
 
 
 def test_bad_inputs_name_file_and_key():
@@ -163,9 +167,10 @@ def test_cli_merge_roundtrip(tmp_path):
 
 
 def test_cli_merge_with_larv_matches_library(tmp_path):
-    """`larv merge --larv tiered` writes what larv_merge computes, and reports every unit."""
+    """`larv merge --larv tiered` writes what merge -> plan -> apply computes in memory, and
+    reports every unit."""
     from larv_jax.cli import main
-    from larv_jax.larv import larv_merge
+    from larv_jax.merging import registry
 
     base, models = zoo(3, cfg=FULL)
     save_hf(base, FULL, tmp_path / "base")
@@ -180,25 +185,26 @@ def test_cli_merge_with_larv_matches_library(tmp_path):
     assert len(units) == 1 + 3 * VISION.layers          # module granularity, no projection unit
     assert {"name", "depth", "e", "c", "z", "w", "s"} <= set(units[0])
     assert sorted({u["s"] for u in units}) <= [0.5, 1.0, 1.5]
-    want, res = larv_merge(str(tmp_path / "base"), paths, method="task_arithmetic", gate="tiered")
+    tau = {p: np.stack([m[p] - base[p] for m in models]) for p in models[0]}
+    want, res = larv_reference(base, tau, registry.bind("task_arithmetic"),
+                               gate="tiered")
     got = load_checkpoint(out).flat()
     for p in got:
         np.testing.assert_allclose(got[p], np.asarray(want[p]), rtol=1e-6, atol=1e-7, err_msg=p)
-    assert [u["s"] for u in units] == [float(r.s) for r in res.report]
+    assert [u["s"] for u in units] == [float(r.s) for r in res.report()]
     # the veneer changed something: not every unit is at scale 1
     assert any(u["s"] != 1.0 for u in units)
 
 
 def test_cli_merge_larv_base_cache_prefetch(tmp_path, monkeypatch):
     """`larv merge --larv` computes the base cache in a thread during the merge and uses it; a
-    prefetch whose units differ from the merge's, or that failed, is recomputed in place: the
-    written model is the same bit for bit in all three cases."""
+    prefetch that failed is recomputed in place: the written model is the same bit for bit."""
     import threading
     from concurrent.futures import Future
 
     from larv_jax import diagnostics as dg
     from larv_jax.cli import main
-    from larv_jax.larv import flags
+    from larv_jax.cli import merge as merge_cli
 
     base, models = zoo(3, cfg=FULL)
     save_hf(base, FULL, tmp_path / "base")
@@ -224,25 +230,17 @@ def test_cli_merge_larv_base_cache_prefetch(tmp_path, monkeypatch):
     assert threads == ["larv-base-cache_0"]              # once, in the background thread
     assert report["larv"]["base_cache_overlapped_s"] > 0
 
-    real_start = flags.start_base_cache
-
-    def wrong_units(args, base_path, models_):
-        base_flat, unit_list, cache, s = real_start(args, base_path, models_).result()
-        fut = Future()
-        fut.set_result((base_flat, unit_list[:-1], cache, s))
-        return fut
-
-    def failed(args, base_path, models_):
+    def failed(base_path, units, lk):
         fut = Future()
         fut.set_exception(RuntimeError("prefetch failed"))
         return fut
 
-    for name, start in (("mismatch", wrong_units), ("failed", failed)):
+    for name, start in (("failed", failed),):
         threads.clear()
-        monkeypatch.setattr(flags, "start_base_cache", start)
+        monkeypatch.setattr(merge_cli, "_start_base_cache", start)
         again, rep = run(name)
         assert rep["larv"]["base_cache_overlapped_s"] is None
-        assert threads[-1] == "MainThread"               # recomputed by finish()
+        assert threads[-1] == "MainThread"               # recomputed in the command's thread
         assert rep["larv"]["units"] == report["larv"]["units"]
         for p in got:
             np.testing.assert_array_equal(again[p], got[p], err_msg=f"{name}: {p}")
@@ -318,3 +316,27 @@ def test_cli_persistent_compilation_cache(tmp_path):
         np.testing.assert_array_equal(third[p], first[p], err_msg=p)
     _, source = run("c", "off")
     assert source == "computed" and not (tmp_path / "xdg").exists()
+
+
+def test_plain_merge_command_never_imports_jax(tmp_path):
+    """`larv merge` without --larv imports neither jax nor the diagnostics (a fresh process;
+    0.5-1.5 s and ~150 MB of every merge otherwise), and with --larv it does."""
+    import os
+    import subprocess
+    import sys
+
+    base, models = zoo(2)
+    save_hf(base, VCFG, tmp_path / "base")
+    for i, m in enumerate(models):
+        save_hf(m, VCFG, tmp_path / f"m{i}")
+    code = ("import sys; from larv_jax.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'jax' in sys.modules, 'larv_jax.diagnostics' in sys.modules)")
+    env = {**os.environ, "LARV_JAX_CACHE_DIR": "off"}
+    for extra, want in (([], "0 False False"), (["--larv", "linear"], "0 True True")):
+        argv = ["merge", "--base", str(tmp_path / "base"), "--models", str(tmp_path / "m0"),
+                str(tmp_path / "m1"), "--method", "ties", "--no-hash", "--overwrite",
+                "--out", str(tmp_path / "out"), *extra]
+        r = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == want, extra

@@ -86,10 +86,9 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.eval import evaluate, zero_shot_head
     from larv_jax.eval.data import open_source
     from larv_jax.io import atomic_path, json_default
-    from larv_jax.larv import mergers as larv_mergers
     from larv_jax.larv import schedules as larv_schedules
     from larv_jax.larv.grid import run_grid
-    from larv_jax.larv.veneer import task_vectors
+    from larv_jax.merging import task_vectors
     from larv_jax.models.tokenizer import load_tokenizer
     from larv_jax.tree import flatten, unflatten
     from larv_jax.zoo import build_zoo, open_zoo, report
@@ -162,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     model_name = config.name
 
     def resolve(method, **options):
-        return larv_mergers.merger(method, model=model_name, **options)
+        return merging.bind(method, model=model_name, **options)
 
     for row in run_grid(base=base_flat, tau=tau, mergers=mergers_, gates=gates,
                         resolve_merger=resolve, seed=args.seed, diag_mode=args.diag_mode,

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.caches import base_cache_dir
     from larv_jax.checkpoint import load_checkpoint
     from larv_jax.io import atomic_path
+    from larv_jax.larv import plan as L
     from larv_jax.merging import merge_delta
 
     if not args.models:
@@ -55,18 +56,19 @@ def run(args: argparse.Namespace) -> int:
     # Units over the vision leaves the merge covers (leaves the models lack, e.g. a vision-only
     # fine-tune's missing projection, have no update), as `larv merge --larv` does.
     shapes = {p: base.shape(p) for p in delta if p.startswith("visual/")}
-    units = dg.units(shapes, args.granularity)
-    needed = sorted({p for u in units for p, _ in u.matrices})
-    base_flat = {p: base.leaf(p, native=True) for p in needed}
+    units = L.units_for(shapes, None, args.granularity)
+    needed = sorted({q for u in units for q, _ in u.matrices})
+    base_flat = {q: base.leaf(q, native=True) for q in needed}
     t_load = time.perf_counter() - t0
 
-    key = jax.random.PRNGKey(args.seed)
     cache = dg.base_cache(base_flat, units, store=base_cache_dir())
     n_buckets = len(dg.plan_buckets(units, shapes))
     with tqdm(total=n_buckets, desc="diagnostics (shape buckets)", unit="bucket") as bar:
-        diag = dg.diagnose(base_flat, {p: delta[p] for p in needed}, units=units, key=key,
-                           mode=args.mode, k=args.k, cache=cache,
-                           callback=lambda i, n, b: bar.update(1))
+        p = L.plan(base_flat, {q: delta[q] for q in needed}, gate="none", units=units,
+                   cache=cache, key=jax.random.PRNGKey(args.seed), mode=args.mode,
+                   diag_options={"k": args.k, "callback": lambda i, n, b: bar.update(1)},
+                   always_diagnose=True)
+    diag = p.diagnostics
     diag.settings.update(seed=args.seed, base=str(args.base),
                          models=[str(m) for m in args.models], merge=merge_info,
                          timings={"load_merge_s": t_load,

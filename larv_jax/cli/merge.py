@@ -8,11 +8,7 @@ merge_report.json, atomically.
 from __future__ import annotations
 
 import argparse
-import ast
 from pathlib import Path
-
-METHOD_NAMES = ["simple_average", "task_arithmetic", "ties", "ties_paper", "dare_task_arithmetic",
-                "dare_ties", "dare_average", "tsv_m", "iso_c", "iso_cts"]
 
 
 def add_parser(sub) -> None:
@@ -22,7 +18,9 @@ def add_parser(sub) -> None:
                    help="pretrained checkpoint theta0 (HF dir / .safetensors / OpenAI .pt)")
     p.add_argument("--models", required=True, nargs="+", type=Path,
                    help="fine-tuned checkpoints theta_1..theta_K (same keys and shapes)")
-    p.add_argument("--method", required=True, choices=METHOD_NAMES,
+    from larv_jax.merging.registry import METHODS
+
+    p.add_argument("--method", required=True, choices=list(METHODS),
                    help="base merger (SPEC §4); its defaults are FusionBench's")
     p.add_argument("--scale", type=float, default=None,
                    help="the method's global coefficient (default: the method's own, e.g. TA "
@@ -41,23 +39,48 @@ def add_parser(sub) -> None:
     p.add_argument("--no-hash", action="store_true",
                    help="skip the inputs' sha256 in the report (default: hash them)")
     p.add_argument("--out", required=True, type=Path, help="output directory (HF format)")
-    from larv_jax.larv import flags as larv_flags
+    from larv_jax.cli.flags import add_larv_arguments
 
-    larv_flags.add_arguments(p)
+    add_larv_arguments(p)
 
 
-def parse_sets(items: list[str]) -> dict:
-    """``["keep=0.1", "exclude=['proj']"]`` -> ``{"keep": 0.1, "exclude": ["proj"]}``."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE; got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
+def _start_base_cache(base_path: Path, units, lk: dict):
+    """The LARV base cache (r_eff(theta0) and the base Grams, ~2 s for ViT-B/32), started in a
+    background thread: it depends on theta0 and the units alone, so its eigenvalue and matrix
+    work overlaps the merge's streaming reads. The thread opens its own view of ``base_path``.
+    Returns a ``Future`` of ``(base_flat, cache, seconds)``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work():
+        import time
+
+        import jax
+
+        from larv_jax import diagnostics as dg
+        from larv_jax.caches import base_cache_dir
+        from larv_jax.checkpoint import load_checkpoint
+
+        t0 = time.perf_counter()
+        base_flat = load_checkpoint(base_path).flat(native=True)
+        cache = dg.base_cache(base_flat, units, mode=lk["base_mode"],
+                              key=jax.random.PRNGKey(lk["seed"]), store=base_cache_dir())
+        jax.block_until_ready([x for x in (*cache.reff, *cache.norm, *cache.gram)
+                               if x is not None])
+        return base_flat, cache, time.perf_counter() - t0
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="larv-base-cache")
+    future = pool.submit(work)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _prefetched(future) -> tuple | None:
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 -- recomputed in the caller's thread, which raises it properly
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,28 +88,72 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from larv_jax.checkpoint import load_checkpoint, save_hf
-    from larv_jax.larv import flags as larv_flags
-    from larv_jax.merging import apply_delta, merge_delta
+    from larv_jax.cli.flags import larv_kwargs, parse_key_values
+    from larv_jax.larv import schedules
+    from larv_jax.merging import TaskVectors, apply_delta, bind, bind_svc, merge_delta
 
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists (pass --overwrite to replace it)")
-    hparams = parse_sets(args.set)
+    hparams = parse_key_values(args.set)
     if args.scale is not None:
         hparams["scale"] = args.scale
     if args.seed is not None:
         hparams["key"] = args.seed
+    lk = larv_kwargs(args)
+    larv_on = not schedules.is_identity(lk["gate"], **lk["gate_options"])
+    if larv_on:  # jax and the diagnostics only then: a plain merge never imports them
+        import jax
+
+        from larv_jax import diagnostics as dg
+        from larv_jax.caches import base_cache_dir
+        from larv_jax.larv import plan as L
+
+        L.check_modes(lk["apply"], lk["svc_order"], args.svc)  # before the (slow) merge
+        needs_diag = L.needs_diagnostics(lk["gate"])
+    svc_later = larv_on and args.svc and lk["svc_order"] == "larv_first"
     base = load_checkpoint(args.base)
     models = [load_checkpoint(m) for m in args.models]
-    # the LARV base cache depends on theta0 alone: computed while the merge streams the models
-    prefetched = larv_flags.start_base_cache(args, args.base, models)
-    delta, report = merge_delta(base, models, args.method,
-                                svc=args.svc and larv_flags.svc_before_larv(args),
+    units = prefetched = None
+    if larv_on:
+        # the units depend on the base's shapes and the merged leaves alone: computed once
+        shapes = {p: tuple(base.shape(p)) for p in base.paths()}
+        units = L.units_for(shapes, set(models[0].paths()), lk["granularity"])
+        if needs_diag:
+            prefetched = _start_base_cache(args.base, units, lk)
+    delta, report = merge_delta(base, models, args.method, svc=args.svc and not svc_later,
                                 svc_alpha=args.svc_alpha, hash_inputs=not args.no_hash, **hparams)
-    # LARV veneer (--larv ...): per-leaf scales s from (base, delta); theta = theta0 + s * D.
+    # LARV veneer (--larv ...): s from (base, delta); theta = theta0 + s * D.
     t0 = time.perf_counter()
-    delta, scales, report["larv"] = larv_flags.finish(args, base, delta, models=models,
-                                                      method=args.method, hparams=hparams,
-                                                      prefetched=prefetched)
+    scales = None
+    report["larv"] = None
+    if larv_on:
+        pre = _prefetched(prefetched)
+        # the source's memory order, like the merged delta: theta0 + s * D needs no transposes
+        base_flat = (pre[0] if pre is not None else base.flat(native=True)) if needs_diag else {}
+        cache, cache_s = (pre[1], pre[2]) if pre is not None else (None, None)
+        if needs_diag and cache is None:
+            cache = dg.base_cache(base_flat, units, mode=lk["base_mode"],
+                                  key=jax.random.PRNGKey(lk["seed"]), store=base_cache_dir())
+        merge = svc = tau = None
+        if lk["apply"] == "pre" or svc_later:  # these re-merge / calibrate through the engine
+            merge = bind(args.method, model=base.config.name, **hparams)
+            tau = TaskVectors(base, models, list(delta))
+            if args.svc:
+                svc = bind_svc(args.method, alpha=args.svc_alpha)
+        p = L.plan(base_flat, delta, gate=lk["gate"], units=units, cache=cache,
+                   key=jax.random.PRNGKey(lk["seed"]), mode=lk["mode"],
+                   diag_options=lk["diag_options"], **lk["gate_options"])
+        report["larv"] = {
+            "spec": lk["gate"], "options": lk["gate_options"], "apply": lk["apply"],
+            "base_cache_overlapped_s": cache_s,
+            "base_cache_source": None if cache is None else cache.source,
+            "svc_order": lk["svc_order"] if args.svc else None,
+            "granularity": lk["granularity"],
+            "diagnostics": None if p.diagnostics is None else p.diagnostics.settings,
+            "units": [r._asdict() for r in p.report()]}
+        # what L.apply does, in two steps so that the first pass is released before the apply
+        delta, scales = L.compose(p, shapes, delta, apply=lk["apply"], merge=merge, tau=tau,
+                                  svc=svc, svc_order=lk["svc_order"])
     report["timings"]["larv_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     params = apply_delta(base, delta, scales=scales, consume=True, inplace=True)

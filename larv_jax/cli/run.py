@@ -60,15 +60,9 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()):
 
 
 def set_field(config, item: str) -> None:
-    import ast
+    from larv_jax.cli.flags import parse_key_values
 
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--set expects KEY=VALUE; got {item!r}")
-    try:
-        value = ast.literal_eval(raw)
-    except (SyntaxError, ValueError):
-        value = raw
+    ((key, value),) = parse_key_values([item], "--set").items()
     *parents, leaf = key.split(".")
     node = config
     for p in parents:
@@ -100,33 +94,6 @@ def resolve_checkpoint(ident: str, checkpoint_dir: str | Path) -> Path:
 
 
 # -- orchestration -----------------------------------------------------------------------------
-
-def load_task_vectors(base_flat, model_paths):
-    """``{path: [K, ..]}`` float32 task vectors, filled one model at a time (peak memory: the
-    task vectors plus one model)."""
-    import numpy as np
-
-    from larv_jax.checkpoint import load_checkpoint
-
-    tau = None
-    for k, mp in enumerate(model_paths):
-        ckpt = load_checkpoint(mp)
-        paths = ckpt.paths()
-        if tau is None:
-            missing = [p for p in paths if p not in base_flat]
-            if missing:
-                raise ValueError(f"{mp}: parameters missing in the base: {missing[:5]}")
-            tau = {p: np.empty((len(model_paths),) + base_flat[p].shape, np.float32)
-                   for p in paths}
-        elif set(paths) != set(tau):
-            raise ValueError(f"{mp}: its parameters differ from {model_paths[0]}'s")
-        for p in paths:
-            leaf = ckpt.leaf(p)
-            if leaf.shape != base_flat[p].shape:
-                raise ValueError(f"{mp}: {p!r} has shape {leaf.shape}, base {base_flat[p].shape}")
-            np.subtract(leaf, base_flat[p], out=tau[p][k])
-    return tau
-
 
 def markdown(rows: list[dict]) -> str:
     """Results table: one line per cell."""
@@ -203,12 +170,12 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.checkpoint import load_checkpoint
     from larv_jax.io import atomic_path, write_json, write_text
     from larv_jax.larv import grid
-    from larv_jax.larv import mergers as M
+    from larv_jax.merging import bind, bind_svc, task_vectors
 
     t0 = time.perf_counter()
     base_ckpt = load_checkpoint(base_path)
     base_flat = base_ckpt.flat()
-    tau = load_task_vectors(base_flat, model_paths)
+    tau = task_vectors(base_ckpt, model_paths)  # one leaf of each model at a time
     print(f"  task vectors: {len(tau)} leaves x {len(model_paths)} models "
           f"({time.perf_counter() - t0:.1f} s)")
     write_json(out_dir / "config.json", config.to_dict())
@@ -235,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     for row in grid.run_grid(
             base=base_flat, tau=tau, mergers=mergers, gates=gates,
-            resolve_merger=functools.partial(M.merger, model=base_ckpt.config.name),
-            resolve_svc=M.svc, granularity=config.granularity,
+            resolve_merger=functools.partial(bind, model=base_ckpt.config.name),
+            resolve_svc=bind_svc, granularity=config.granularity,
             diag_mode=d.mode, base_mode=d.base_mode, seed=int(d.seed),
             diag_options={"k": int(d.k), "p": int(d.p), "q": int(d.q)}, evaluate=evaluate,
             counters=counters, on_diagnostics=on_diagnostics, base_store=base_cache_dir(),

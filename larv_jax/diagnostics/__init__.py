@@ -14,19 +14,14 @@ Typical use::
 
 Multi-host: call ``jax.distributed.initialize()`` on every host, then make the same calls with
 the same inputs everywhere; the matrix axis is sharded over the global ``jax.devices()`` (see
-``larv_jax.diagnostics.engine``).
+``larv_jax.diagnostics.devices``). Modules: ``unit_rules`` (the units), ``buckets`` (shape
+buckets and their staging), ``kernels`` (single-matrix kernels), ``devices`` (placement and
+execution), ``store`` (the on-disk base cache), ``engine`` (``base_cache``, ``diagnose``),
+``record`` (JSON / CSV / PNG).
 """
 
-from larv_jax.diagnostics.engine import (
-    MODES,
-    TRACES,
-    BaseCache,
-    Bucket,
-    MatrixRef,
-    base_cache,
-    diagnose,
-    plan_buckets,
-)
+from larv_jax.diagnostics.buckets import Bucket, MatrixRef, plan_buckets
+from larv_jax.diagnostics.engine import MODES, TRACES, BaseCache, base_cache, diagnose
 from larv_jax.diagnostics.record import Diagnostics, MatrixDiag, plot, to_csv, to_json
 from larv_jax.diagnostics.unit_rules import (
     GRANULARITIES,

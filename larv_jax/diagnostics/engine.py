@@ -1,51 +1,21 @@
-"""Batched, sharded LARV diagnostics: shape buckets, a per-base cache, and ``diagnose``.
+"""Batched, sharded LARV diagnostics: a per-base cache and ``diagnose`` (SPEC §2, Eqs. 5-7).
 
-Every matrix of every unit is put into a *shape bucket* keyed by its tall shape ``(m, n)``,
-``m >= n`` (singular values and both commutators are invariant under transposing A and D
-together), so for ViT-B/32 the buckets are ``[48, 768, 768]`` (q, k, v, out of 12 blocks) and
-``[25, 3072, 768]`` (12 fc1, 12 fc2, the patch conv), plus ``[1, 768, 512]`` for ``visual/proj``.
-Nothing is copy-transposed: within a bucket the matrices that read tall from their leaf (Flax
-dense kernels ``[in, out]``, other leaves in the torch view) form a ``tall`` part and those that
-read wide (``mlp/c_fc``, the patch conv) a ``wide`` part, and the Gram-level products contract each
-part along its long axis, giving the same ``n x n`` Grams; everything after is batched over the
-whole bucket. The kernels of ``larv_jax.diagnostics.kernels`` are vmapped and jit-compiled once
-per bucket (``TRACES`` counts the traces).
-
-Devices: the bucket (matrix) axis is split over ``devices`` (default ``jax.local_devices()``):
-each part is padded with zero matrices to a multiple of the device count (padding dropped after)
-and each device gets one contiguous chunk of each part (``_Layout``). Two executions are
-available (``execution=``):
-
-- ``"per_device"`` (default): the jitted, vmapped kernel is dispatched once per device on its
-  chunk (``jax.device_put(chunk, device)``); one trace per bucket shape (XLA compiles it once
-  per device). Accelerators run concurrently (async dispatch); CPU devices, which share the host
-  cores anyway, run one after another. No communication is needed.
-- ``"spmd"``: one ``jax.jit(jax.shard_map(...))`` over a 1-D ``Mesh(devices, ("b",))`` with inputs
-  placed by ``NamedSharding(mesh, P("b"))``. Same numbers; NOT the default because on this
-  jaxlib (0.10.2, XLA:CPU, 2 fake devices on 2 cores) SPMD programs that mix LAPACK custom calls
-  (Cholesky, eigvalsh, sytrd) intermittently hung (all threads idle, one device's execution never
-  completing), both with shard_map and with jit + NamedSharding; concurrent per-device
-  dispatch hung too, rarely; sequential per-device dispatch on CPU has not.
+The units' matrices are grouped into shape buckets (:mod:`larv_jax.diagnostics.buckets`); the
+kernels of :mod:`larv_jax.diagnostics.kernels` are vmapped and jit-compiled once per bucket
+(``TRACES`` counts the traces) and run on the devices :mod:`larv_jax.diagnostics.devices` places
+them on; the per-base quantities can be kept on disk (:mod:`larv_jax.diagnostics.store`).
 
 Multi-host: call ``jax.distributed.initialize()`` on every host, then make the same
-``base_cache``/``diagnose`` call with the same inputs on every host. With ``per_device`` each
-process takes the contiguous slice ``process_index`` of every bucket, runs it on its local devices
-and the slices are exchanged with ``multihost_utils.process_allgather``; with ``spmd`` pass
-``devices=jax.devices()`` (the global list) and the mesh spans all hosts.
+``base_cache``/``diagnose`` call with the same inputs on every host (see
+:mod:`larv_jax.diagnostics.devices`).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import hashlib
-import json
-import math
 import os
-import tempfile
 import threading
-import warnings
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -53,76 +23,38 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from larv_jax import tree as ltree
-from larv_jax.arrays import aligned_empty, copy_into
+from larv_jax.arrays import aligned_empty
 from larv_jax.diagnostics import kernels as K
+from larv_jax.diagnostics.buckets import (
+    Bucket,
+    MatrixRef,
+    _check_finite,
+    _from_slots,
+    _Layout,
+    _layout,
+    _pad,
+    _stack,
+    _to_slots,
+    _where,
+    plan_buckets,
+)
+from larv_jax.diagnostics.devices import _compile, _n_dev, _Placement, _placement, _run
 from larv_jax.diagnostics.record import Diagnostics, MatrixDiag
+from larv_jax.diagnostics.store import base_fingerprint, read_store, write_store
 from larv_jax.diagnostics.unit_rules import Unit
+
+__all__ = ["MODES", "TRACES", "BaseCache", "Bucket", "MatrixRef", "base_cache", "base_fingerprint",
+           "diagnose", "plan_buckets"]
+
 
 MODES = ("randomized", "exact")
 
 # Traces of the per-bucket functions (one per compiled bucket shape); tests count them.
+
+
 TRACES: collections.Counter[str] = collections.Counter()
-
-
-class MatrixRef(NamedTuple):
-    unit: int  # index into the unit list
-    path: str
-    block: int | None
-    transposed: bool  # the torch-layout matrix is wide (the bucket shape is its transpose)
-    stored_wide: bool = False  # the matrix as read from the leaf (no copy-transpose) is wide
-
-
-class Bucket(NamedTuple):
-    """All matrices of one tall shape ``(m, n)``, ``m >= n``, in unit order."""
-
-    shape: tuple[int, int]
-    members: tuple[MatrixRef, ...]
-
-    @property
-    def square(self) -> bool:
-        return self.shape[0] == self.shape[1]
-
-
-def matrix_shape(path: str, shape: Sequence[int]) -> tuple[int, int]:
-    """Torch-layout ``(out, in)`` of one matrix of a leaf (block axis dropped)."""
-    return _matrix_shape(path, tuple(int(x) for x in shape))
-
-
-@functools.lru_cache(maxsize=4096)
-def _matrix_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    abstract = jax.ShapeDtypeStruct(shape, jnp.float32)
-    out = jax.eval_shape(lambda x: ltree.to_matrix(path, x), abstract).shape
-    out = out[1:] if ltree.is_stacked(path) else out
-    if len(out) != 2:
-        raise ValueError(f"{path!r} with shape {tuple(shape)} is not a matrix")
-    return int(out[0]), int(out[1])
-
-
-def _stored_wide(path: str, shape: Sequence[int], m: int, n: int) -> bool:
-    """Whether the matrix as :func:`_stack` reads it is wide: dense kernels are read in their
-    Flax layout ``[in, out]`` (the torch ``[out, in]`` transposed), other leaves via
-    :func:`larv_jax.tree.to_matrix` (torch layout)."""
-    kind = ltree.leaf_kind(path, ltree.unstacked_ndim(path, shape))
-    return n < m if kind == "dense" else m < n
-
-
-def plan_buckets(unit_list: Sequence[Unit], shapes: Mapping[str, Sequence[int]]
-                 ) -> tuple[Bucket, ...]:
-    """Group the matrices of ``unit_list`` into shape buckets (first-appearance order)."""
-    shapes = {p: tuple(getattr(s, "shape", s)) for p, s in shapes.items()}
-    groups: dict[tuple[int, int], list[MatrixRef]] = {}
-    for i, u in enumerate(unit_list):
-        for path, block in u.matrices:
-            if path not in shapes:
-                raise ValueError(f"parameter {path!r} of unit {u.name!r} is missing")
-            m, n = matrix_shape(path, shapes[path])
-            groups.setdefault((max(m, n), min(m, n)), []).append(
-                MatrixRef(i, path, block, m < n, _stored_wide(path, shapes[path], m, n)))
-    return tuple(Bucket(s, tuple(refs)) for s, refs in groups.items())
 
 
 class BaseCache(NamedTuple):
@@ -167,184 +99,6 @@ class _Workspace:
         if name not in self.buffers:
             self.buffers[name] = make()
         return self.buffers[name]
-
-
-EXECUTIONS = ("per_device", "spmd")
-
-
-class _Placement(NamedTuple):
-    """Where a bucket runs: local ``devices``; this process's slice of every bucket."""
-
-    devices: tuple[jax.Device, ...]
-    execution: str
-    mesh: Mesh | None
-
-    @property
-    def size(self) -> int:
-        return len(self.devices)
-
-
-def _placement(devices: Sequence[jax.Device] | None, execution: str) -> _Placement:
-    if execution not in EXECUTIONS:
-        raise ValueError(f"unknown execution {execution!r}; valid: {list(EXECUTIONS)}")
-    if execution == "spmd":
-        devs = tuple(devices) if devices is not None else tuple(jax.devices())
-        return _Placement(devs, execution, Mesh(np.array(devs), ("b",)))
-    devs = tuple(devices) if devices is not None else tuple(jax.local_devices())
-    return _Placement(devs, execution, None)
-
-
-class _Layout(NamedTuple):
-    """How one bucket is laid out over ``n_dev`` devices (processes x local devices).
-
-    Matrices are never copy-transposed: those read tall (``m x n``) go to the ``tall`` part,
-    those read wide (``n x m``, e.g. ``mlp/c_fc`` in the Flax layout, the patch conv) to the
-    ``wide`` part, and the kernels contract each part along its long axis, so both give the same
-    ``n x n`` Grams. Every device gets ``ct`` tall and ``cw`` wide slots (zero padded); per-matrix
-    arrays are in *slot* order: device 0's tall slots, its wide slots, device 1's, ...
-    """
-
-    tall: tuple[int, ...]  # member indices read tall, in bucket order
-    wide: tuple[int, ...]  # member indices read wide
-    ct: int
-    cw: int
-    slots: np.ndarray  # [n_dev * (ct + cw)] member index per slot, -1 for padding
-
-
-def _layout(bucket: Bucket, n_dev: int) -> _Layout:
-    tall = tuple(i for i, r in enumerate(bucket.members) if not r.stored_wide)
-    wide = tuple(i for i, r in enumerate(bucket.members) if r.stored_wide)
-    ct, cw = math.ceil(len(tall) / n_dev), math.ceil(len(wide) / n_dev)
-    slots: list[int] = []
-    for dv in range(n_dev):
-        for part, c in ((tall, ct), (wide, cw)):
-            chunk = list(part[dv * c:(dv + 1) * c])
-            slots += chunk + [-1] * (c - len(chunk))
-    return _Layout(tall, wide, ct, cw, np.asarray(slots, np.int64))
-
-
-def _n_dev(place: _Placement) -> int:
-    if place.execution == "per_device":
-        return place.size * jax.process_count()
-    return place.size
-
-
-def _to_slots(x: np.ndarray, lay: _Layout) -> np.ndarray:
-    """Member-order ``x`` [N, ...] to slot order (zeros in padding slots)."""
-    if len(lay.slots) == x.shape[0] and (lay.slots == np.arange(x.shape[0])).all():
-        return x
-    out = aligned_empty((len(lay.slots),) + x.shape[1:], x.dtype)
-    real = lay.slots >= 0
-    out[~real] = 0
-    out[real] = x[lay.slots[real]]
-    return out
-
-
-def _from_slots(x: np.ndarray, lay: _Layout) -> np.ndarray:
-    if len(lay.slots) == x.shape[0] and (lay.slots == np.arange(x.shape[0])).all():
-        return x
-    real = lay.slots >= 0
-    out = np.empty((len(lay.tall) + len(lay.wide),) + x.shape[1:], x.dtype)
-    out[lay.slots[real]] = x[real]
-    return out
-
-
-def _run(fn: Callable, args: Sequence[Any], place: _Placement) -> Any:
-    """Run ``fn`` on this process's share; host results in slot order.
-
-    Every arg is split along axis 0 into ``n_dev`` equal chunks (each arg's own chunk size:
-    ``[tall stacks, wide stacks, per-matrix arrays]`` have different lengths).
-    """
-    if place.execution == "spmd":
-        sharding = NamedSharding(place.mesh, P("b"))
-        out = fn(*[jax.device_put(a, sharding) for a in args])
-        return jax.tree.map(_fetch, out)
-    n_dev = _n_dev(place)
-    first_dev = jax.process_index() * place.size if jax.process_count() > 1 else 0
-    outs = []
-    # Accelerators: async dispatch, the devices run concurrently. Host (CPU) "devices" share the
-    # same cores, so concurrency buys nothing there, and concurrent LAPACK-backed executables on
-    # several fake CPU devices were seen to deadlock (all threads in futex wait) under load:
-    # run them one after the other.
-    serial = all(d.platform == "cpu" for d in place.devices)
-    for i, dev in enumerate(place.devices):
-        dv = first_dev + i
-        chunk_args = []
-        for a in args:
-            c = a.shape[0] // n_dev
-            chunk_args.append(jax.device_put(a[dv * c:(dv + 1) * c], dev))
-        outs.append(fn(*chunk_args))
-        if serial:
-            jax.block_until_ready(outs[-1])
-    local = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        local = jax.tree.map(
-            lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), local)
-    return local
-
-
-def _stack(flat: Mapping[str, Any], bucket: Bucket, members: Sequence[int], n_rows: int,
-           wide: bool, what: str, out: np.ndarray | None = None) -> Any:
-    """``[n_rows, m, n]`` (``[n_rows, n, m]`` if ``wide``) float32 stack of the given members,
-    zero padded at the end, without transposing anything.
-
-    Dense kernels are read in their stored Flax layout ``[in, out]`` (the torch matrix
-    transposed): e and c are invariant under transposing A and D together. On the host the
-    result is 64-byte aligned, so handing it to a CPU device copies nothing; leaves that live on
-    an accelerator are stacked there. ``out``: a host buffer of the right shape to fill.
-    """
-    m, n = bucket.shape
-    shape = (n, m) if wide else (m, n)
-    for i in members:
-        if bucket.members[i].path not in flat:
-            raise ValueError(f"{what}: parameter {bucket.members[i].path!r} is missing")
-    on_accel = any(isinstance(flat[bucket.members[i].path], jax.Array)
-                   and flat[bucket.members[i].path].devices().pop().platform != "cpu"
-                   for i in members)
-    xp = jnp if on_accel else np
-    native: dict[str, Any] = {}
-
-    def matrix(ref: MatrixRef):
-        if ref.path not in native:
-            leaf = xp.asarray(flat[ref.path], xp.float32)
-            kind = ltree.leaf_kind(ref.path, ltree.unstacked_ndim(ref.path, leaf.shape))
-            native[ref.path] = leaf if kind == "dense" else ltree.to_matrix(ref.path, leaf)
-        mat = native[ref.path] if ref.block is None else native[ref.path][ref.block]
-        if tuple(mat.shape) != shape:
-            raise ValueError(f"{what}: parameter {_where(ref)} reads as {tuple(mat.shape)}, "
-                             f"expected {shape}")
-        return mat
-
-    if on_accel:
-        mats = [matrix(bucket.members[i]) for i in members]
-        mats += [jnp.zeros(shape, jnp.float32)] * (n_rows - len(mats))
-        return jnp.stack(mats) if mats else jnp.zeros((0, *shape), jnp.float32)
-    out = aligned_empty((n_rows, *shape)) if out is None else out
-    out[len(members):] = 0.0
-    for j, i in enumerate(members):
-        copy_into(out[j], matrix(bucket.members[i]))  # fast for transposed-memory leaves
-    return out
-
-
-def _check_finite(x: np.ndarray, refs: Sequence[MatrixRef], what: str) -> None:
-    bad = ~np.isfinite(x[: len(refs)]).all(axis=(1, 2))
-    if bad.any():
-        raise ValueError(f"{what}: parameter {_where(refs[int(np.argmax(bad))])} has "
-                         "non-finite values")
-
-
-def _where(ref: MatrixRef) -> str:
-    return ref.path if ref.block is None else f"{ref.path}[block {ref.block}]"
-
-
-def _fetch(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def _keys(key: jax.Array, bucket_index: int, lay: _Layout) -> np.ndarray:
@@ -427,12 +181,6 @@ def _diag_fn(mesh: Mesh | None, square: bool, mode: str, k: int, p: int, q: int,
     return _compile(local_square if square else local_rect, mesh)
 
 
-def _compile(fn: Callable, mesh: Mesh | None) -> Callable:
-    if mesh is None:
-        return jax.jit(fn)
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
-
-
 def _check_args(mode: str, k: int, p: int, q: int) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown diagnostics mode {mode!r}; valid: {list(MODES)}")
@@ -480,7 +228,7 @@ def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode:
     path = None
     if store is not None:
         path = Path(store) / f"{base_fingerprint(plan, stacks, mode, k, p, q, key)}.npz"
-        stored = _read_store(path, plan)
+        stored = read_store(path, plan)
         if stored is not None:
             return BaseCache(plan, *stored, mode, tuple(stacks), _Workspace(), str(path))
     reffs, norms, grams = [], [], []
@@ -495,91 +243,8 @@ def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode:
     cache = BaseCache(plan, tuple(reffs), tuple(norms), tuple(grams), mode, tuple(stacks),
                       _Workspace())
     if path is not None and jax.process_index() == 0:
-        _write_store(path, cache)
+        write_store(path, cache.reff, cache.norm, cache.gram)
     return cache
-
-
-STORE_FORMAT = 1  # bump when the cached quantities or their layout change
-
-
-def base_fingerprint(plan: Sequence[Bucket], stacks: Sequence[tuple[np.ndarray, ...]], mode: str,
-                     k: int, p: int, q: int, key: jax.Array) -> str:
-    """sha256 (hex) of what the per-base quantities depend on: the plan (shapes, parameter
-    paths, blocks, layouts), every byte of the stacked theta0 matrices, ``mode`` (with ``k``,
-    ``p``, ``q`` and the key's data in randomized mode), and the larv_jax and jax versions.
-    ~0.2 s for the 0.35 GB of ViT-B/32 on one core of the 2-core CPU."""
-    from larv_jax import __version__
-
-    h = hashlib.sha256()
-    meta = {"format": STORE_FORMAT, "larv_jax": __version__, "jax": jax.__version__,
-            "mode": mode,
-            "plan": [[list(b.shape), [list(r) for r in b.members]] for b in plan]}
-    if mode == "randomized":
-        meta.update(k=k, p=p, q=q, key=np.asarray(jax.random.key_data(key)).tolist())
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    for parts in stacks:
-        for x in parts:
-            x = np.ascontiguousarray(x, np.float32)
-            h.update(repr(x.shape).encode())
-            if x.size:
-                h.update(memoryview(x).cast("B"))
-    return h.hexdigest()
-
-
-def _read_store(path: Path, plan: Sequence[Bucket]) -> tuple | None:
-    """``(reff, norm, gram)`` tuples from ``path``, or None when absent or unusable (warned)."""
-    if not path.is_file():
-        return None
-    try:
-        if not zipfile.is_zipfile(path):  # else numpy's message would be about pickles
-            raise ValueError("not an .npz file")
-        with np.load(path, allow_pickle=False) as z:
-            reffs, norms, grams = [], [], []
-            for i, b in enumerate(plan):
-                n_mat, n = len(b.members), b.shape[1]
-                reff, norm = z[f"reff_{i}"], z[f"norm_{i}"]
-                gram = None if b.square else z[f"gram_{i}"]
-                if (reff.shape != (n_mat,) or norm.shape != (n_mat,)
-                        or (gram is not None and gram.shape != (n_mat, n, n))):
-                    raise ValueError(f"bucket {i} has the wrong shapes")
-                reffs.append(reff)
-                norms.append(norm)
-                grams.append(gram)
-    except Exception as err:  # noqa: BLE001 -- any unreadable file is recomputed
-        warnings.warn(f"LARV base cache {path} is unreadable ({err}); recomputing it",
-                      stacklevel=3)
-        return None
-    return tuple(reffs), tuple(norms), tuple(grams)
-
-
-def _write_store(path: Path, cache: BaseCache) -> None:
-    """Write ``cache``'s per-base arrays to ``path`` via a temporary file renamed into place; a
-    failure to write (read-only or full disk) is a warning, not an error."""
-    arrays = {}
-    for i, (reff, norm, gram) in enumerate(zip(cache.reff, cache.norm, cache.gram, strict=True)):
-        arrays[f"reff_{i}"], arrays[f"norm_{i}"] = np.asarray(reff), np.asarray(norm)
-        if gram is not None:
-            arrays[f"gram_{i}"] = np.asarray(gram)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as err:
-        warnings.warn(f"could not write the LARV base cache {path}: {err}", stacklevel=3)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _pad(x: np.ndarray, n_pad: int) -> np.ndarray:
-    if x.shape[0] == n_pad:
-        return x
-    out = aligned_empty((n_pad,) + x.shape[1:], x.dtype)
-    out[x.shape[0]:] = 0
-    out[: x.shape[0]] = x
-    return out
 
 
 def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
@@ -698,9 +363,5 @@ def _assemble(units: list[Unit], plan: tuple[Bucket, ...], results: list[dict[st
     mats = sorted((md for lst in per_unit for md in lst), key=lambda md: order[(md.path, md.block)])
     e = np.array([np.mean([md.e for md in lst]) for lst in per_unit])
     c = np.array([np.mean([md.c for md in lst]) for lst in per_unit])
-    settings["granularity"] = _granularity(units)
+    settings["granularity"] = units[0].granularity if units else "module"
     return Diagnostics(tuple(units), e, c, tuple(mats), settings)
-
-
-def _granularity(units: Sequence[Unit]) -> str:
-    return "block" if units and units[0].name.startswith("block_") else "module"

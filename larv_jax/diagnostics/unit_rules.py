@@ -55,6 +55,7 @@ class Unit(NamedTuple):
     depth: int  # 1..L, forward order
     matrices: tuple[tuple[str, int | None], ...]
     attached: tuple[tuple[str, int | None], ...]
+    granularity: str = "module"  # the granularity that made it (:data:`GRANULARITIES`)
 
 
 def _unit_key(role: str, block: int | None, n_blocks: int,
@@ -127,7 +128,7 @@ def units(shapes: Mapping[str, Sequence[int]], granularity: str = "module") -> l
         mats, att = members[key]
         if not mats:
             raise ValueError(f"LARV unit {key[1]!r} has no weight matrix (attached: {att})")
-        out.append(Unit(key[1], depth, tuple(mats), tuple(att)))
+        out.append(Unit(key[1], depth, tuple(mats), tuple(att), granularity))
     return out
 
 

@@ -4,14 +4,12 @@
   gates (pure numpy functions on ``[L]`` vectors).
 - :mod:`larv_jax.larv.schedules`: depth-only schedules, the one registry ``SCALERS`` and
   ``compute_scales(spec, e=, c=, ...)``.
-- :mod:`larv_jax.larv.veneer`: ``larv_merge``, ``veneer.veneer`` (on a given delta),
-  ``apply_scales`` (post and pre, SVC order), the per-unit report.
-- :mod:`larv_jax.larv.mergers`: merging-registry names -> merger callables.
-- :mod:`larv_jax.larv.grid`: experiment grids with diagnostics reuse (``larv run``).
-- :mod:`larv_jax.larv.flags`: the ``--larv*`` flags for merge commands.
+- :mod:`larv_jax.larv.plan`: the one LARV entry, ``plan(base, delta, gate=...)`` (units, e, c,
+  z, w, s) and ``apply(base, delta, plan)`` (theta0 + s * D; post, pre, SVC order).
+- :mod:`larv_jax.larv.grid`: experiment grids, a loop over plan / apply (``larv run``,
+  ``larv demo``).
 
-Importing this package is light (numpy); the jax-backed names below load on first use, so CLI
-modules can import :mod:`larv_jax.larv.flags` while building the parser.
+Importing this package is light (numpy); the jax-backed names below load on first use.
 """
 
 from larv_jax.larv.gates import (
@@ -22,10 +20,11 @@ from larv_jax.larv.gates import (
     tiered_gate,
     zscore,
 )
-from larv_jax.larv.schedules import SCALERS, Scales, compute_scales, parse_options, parse_spec
+from larv_jax.larv.schedules import SCALERS, Scales, compute_scales, parse_spec
 
-_LAZY = {"larv_merge": "veneer", "apply_scales": "veneer",
-         "UnitReport": "veneer", "LarvResult": "veneer", "run_grid": "grid"}
+# ``plan`` and ``apply`` themselves: ``from larv_jax.larv.plan import plan, apply`` (a package
+# attribute ``plan`` is the submodule once it is imported).
+_LAZY = {"Plan": "plan", "UnitReport": "plan", "run_grid": "grid"}
 
 
 def __getattr__(name):
@@ -38,7 +37,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "SCALERS", "LarvResult", "Scales", "UnitReport", "apply_scales", "composite_score",
-    "compute_scales", "continuous_gate", "depth_prior", "larv_merge", "lower_quantile",
-    "parse_options", "parse_spec", "run_grid", "tiered_gate", "zscore",
+    "SCALERS", "Plan", "Scales", "UnitReport", "composite_score", "compute_scales",
+    "continuous_gate", "depth_prior", "lower_quantile", "parse_spec", "run_grid", "tiered_gate",
+    "zscore",
 ]

@@ -3,11 +3,11 @@
 Everything here is a pure function on short host vectors (length L, the number of LARV units, 37 for
 a ViT-B/32 vision tower at ``module`` granularity). They accept any array-like and compute in numpy
 float64, so ties and quantile indices are exact and reproducible; the per-leaf arithmetic that the
-scales feed (``theta0 + s * D``) lives in :mod:`larv_jax.larv.veneer`.
+scales feed (``theta0 + s * D``) is :func:`larv_jax.merging.apply_delta`.
 
 The single registry of everything that turns diagnostics into scales (score gates *and* depth-only
-schedules) is :data:`larv_jax.larv.schedules.SCALERS`; :func:`larv_jax.larv.schedules.scales` is the
-one entry point.
+schedules) is :data:`larv_jax.larv.schedules.SCALERS`; :func:`larv_jax.larv.schedules.compute_scales`
+is the one entry point, and :func:`larv_jax.larv.plan.plan` the one caller of it.
 """
 
 from __future__ import annotations

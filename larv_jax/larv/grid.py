@@ -1,4 +1,5 @@
-"""Experiment grids: mergers x gates x options over one base and one set of task vectors.
+"""Experiment grids: mergers x gates x options over one base and one set of task vectors, a loop
+over :func:`larv_jax.larv.plan.plan` and :func:`larv_jax.larv.plan.apply`.
 
 What is expensive is computed once and reused across the grid:
 
@@ -26,11 +27,11 @@ import jax
 import numpy as np
 
 from larv_jax import diagnostics as dg
+from larv_jax.larv import plan as L
 from larv_jax.larv import schedules
-from larv_jax.larv import veneer as V
 
-MergeResolver = Callable[..., V.MergeFn]
-SvcResolver = Callable[..., V.SvcFn]
+MergeResolver = Callable[..., L.MergeFn]
+SvcResolver = Callable[..., L.SvcFn]
 
 
 def _tier_counts(s: np.ndarray) -> dict[str, int]:
@@ -63,8 +64,8 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
         (only ``gate`` is required). ``options`` hold gate and score options (``alpha``,
         ``use_c``, ...).
       resolve_merger: ``resolve_merger(method, **options) -> merge(tau_flat) -> delta_flat``
-        (:func:`larv_jax.larv.mergers.merger`). resolve_svc: ``resolve_svc(method, **svc_options)
-        -> svc`` (:func:`larv_jax.larv.mergers.svc`).
+        (:func:`larv_jax.merging.registry.bind`). resolve_svc: ``resolve_svc(method,
+        **svc_options) -> svc`` (:func:`larv_jax.merging.registry.bind_svc`).
       granularity: LARV units (``module`` | ``block``).
       diag_mode / base_mode: diagnostics mode of D and of the base cache; ``seed`` keys the
         randomized SVD; ``diag_options`` (k, p, q, eps, zero_rtol) pass through.
@@ -79,18 +80,18 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
     "delta_norm", "update_norm", "merge_seconds", "diag_seconds", "seconds", "eval"?}``.
     """
     counters = collections.Counter() if counters is None else counters
-    base_flat = V.as_flat(base)
-    tau = V.as_flat(tau)
-    unit_list = V.units_for(base_flat, tau, granularity)
+    base_flat = L.as_flat(base)
+    tau = L.as_flat(tau)
+    unit_list = L.units_for(base_flat, tau, granularity)
     key = jax.random.PRNGKey(seed)
     diag_options = dict(diag_options or {})
-    needs_diag = any(V.needs_diagnostics(g["gate"]) for g in gates)
+    needs_diag = any(L.needs_diagnostics(g["gate"]) for g in gates)
     cache = None
     for g in gates:  # validate every cell before the first (slow) merge
         schedules.parse_spec(g["gate"])
         for m in mergers:
-            V.check_pair(g.get("apply", "post"), m.get("svc_order", "svc_first"),
-                         (lambda d, t: d) if m.get("svc") else None)
+            L.check_modes(g.get("apply", "post"), m.get("svc_order", "svc_first"),
+                          bool(m.get("svc")))
 
     for m in mergers:
         t0 = time.perf_counter()
@@ -105,7 +106,9 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
         svc_order = m.get("svc_order", "svc_first")
         counted_merge = _counting(merge, counters, "merge")
         counted_svc = None if svc is None else _counting(svc, counters, "svc")
-        delta = V.first_pass(tau, method=counted_merge, svc=counted_svc, svc_order=svc_order)
+        delta = counted_merge(tau)  # once per merger entry; SVC here unless it comes after LARV
+        if counted_svc is not None and svc_order == "svc_first":
+            delta = counted_svc(delta, tau)
         merge_seconds = time.perf_counter() - t0
         diagnostics = None
         t0 = time.perf_counter()
@@ -115,8 +118,9 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
                 cache = dg.base_cache(base_flat, unit_list, mode=base_mode, key=key,
                                       store=base_store)
             counters["diagnostics"] += 1
-            diagnostics = V.diagnose(base_flat, V.full_delta(delta, base_flat), unit_list,
-                                     key=key, mode=diag_mode, cache=cache, **diag_options)
+            diagnostics = L.plan(base_flat, delta, gate="none", units=unit_list, cache=cache,
+                                 key=key, mode=diag_mode, diag_options=diag_options,
+                                 always_diagnose=True).diagnostics
             if on_diagnostics is not None:
                 on_diagnostics(label, diagnostics)
         diag_seconds = time.perf_counter() - t0
@@ -125,24 +129,24 @@ def run_grid(*, base: Mapping[str, Any], tau: Mapping[str, Any],
             t1 = time.perf_counter()
             spec, apply = g["gate"], g.get("apply", "post")
             options = dict(g.get("options") or {})
-            res, rows = V.gate_scales(spec, unit_list, diagnostics, **options)
-            params, _ = V.compose(base_flat, delta, unit_list, res.s, apply=apply,
-                                  merge=counted_merge, tau=tau, svc=counted_svc,
-                                  svc_order=svc_order)
+            p = L.plan(base_flat, delta, gate=spec, units=unit_list, diagnostics=diagnostics,
+                       **options)
+            params = L.apply(base_flat, delta, p, mode=apply, merge=counted_merge, tau=tau,
+                             svc=counted_svc, svc_order=svc_order)
             row: dict[str, Any] = {
                 "merger": label, "method": method, "method_options": dict(m.get("options") or {}),
                 "svc": bool(svc), "svc_order": svc_order if svc else None,
                 "gate": g.get("name") or schedules.describe(spec, **options), "gate_spec": spec,
                 "gate_options": options, "apply": apply,
-                "units": [r._asdict() for r in rows], "s": res.s.tolist(),
-                "tiers": _tier_counts(res.s),
+                "units": [r._asdict() for r in p.report()], "s": p.s.tolist(),
+                "tiers": _tier_counts(p.s),
                 "delta_norm": _norm(delta),
                 "update_norm": float(np.sqrt(sum(
-                    float(np.sum((params[p] - base_flat[p]).astype(np.float64) ** 2))
-                    for p in base_flat))),
+                    float(np.sum((params[q] - base_flat[q]).astype(np.float64) ** 2))
+                    for q in base_flat))),
                 "merge_seconds": merge_seconds,  # once per merger entry, shared by its gates
                 "diag_seconds": diag_seconds,  # idem (includes the one-off base cache)
-                "seconds": time.perf_counter() - t1,  # this cell: gate + veneer (+ pre merge)
+                "seconds": time.perf_counter() - t1,  # this cell: plan + apply (+ pre merge)
             }
             if evaluate is not None:
                 counters["eval"] += 1

@@ -247,27 +247,3 @@ def is_identity(spec: str, **options: Any) -> bool:
         c = args[0] if args else {**options, **kwargs}.get("value", 1.0)
         return math.isclose(float(c), 1.0, rel_tol=0.0, abs_tol=0.0)
     return False
-
-
-def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["alpha=0.25", "tiers=0.4,1,1.6", "use_c=false"]`` -> options dict (for ``--larv-set``).
-
-    Values are Python literals; ``true``/``false`` (any case) are booleans; anything else that is
-    not a literal stays a string.
-    """
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--larv-set expects KEY=VALUE; got {item!r}")
-        raw = raw.strip()
-        if raw.lower() in ("true", "false"):
-            out[key] = raw.lower() == "true"
-            continue
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (SyntaxError, ValueError):
-            out[key] = raw
-    return out
-

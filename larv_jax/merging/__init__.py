@@ -4,16 +4,16 @@
 (Flax layout, task axis first; nested dicts work too), ``delta`` is ``{path: D}`` with the method's
 own coefficient included, so ``theta = theta0 + D`` (LARV: ``theta0 + s * D``). :func:`svc`
 post-processes a delta. :func:`merge_delta` / :func:`merge_checkpoints` stream the same functions
-over checkpoints on disk, one leaf (K slices) at a time.
+over checkpoints on disk, one leaf (K slices) at a time. The registry (names, hyperparameters,
+defaults, binding) is :mod:`larv_jax.merging.registry`.
 """
 
 from larv_jax.merging.engine import (
     MergeResult,
-    TaskVectors,
     apply_delta,
     merge_checkpoints,
     merge_delta,
-    resolve_hparams,
+    task_vectors,
 )
 from larv_jax.merging.methods import (
     ISO_C_SCALES,
@@ -30,33 +30,15 @@ from larv_jax.merging.methods import (
     ties_paper,
     tsv_m,
 )
+from larv_jax.merging.registry import METHODS, bind, bind_svc, get_method, hparams
+from larv_jax.merging.sources import LeafSource, TreeSource, open_source
+from larv_jax.merging.stream import TaskVectors
 from larv_jax.merging.svc import SVC_ALPHA, svc, svc_alpha
 
-METHODS = {
-    "simple_average": simple_average,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "ties_paper": ties_paper,
-    "dare_task_arithmetic": dare_task_arithmetic,
-    "dare_ties": dare_ties,
-    "dare_average": dare_average,
-    "tsv_m": tsv_m,
-    "iso_c": iso_c,
-    "iso_cts": iso_cts,
-}
-
-
-def get_method(name: str):
-    """``METHODS[name]``, or a ValueError listing the valid names."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(METHODS)}") from None
-
-
 __all__ = [
-    "ISO_C_SCALES", "METHODS", "SVC_ALPHA", "MergeResult", "TaskVectors", "apply_delta", "dare",
+    "ISO_C_SCALES", "METHODS", "SVC_ALPHA", "LeafSource", "MergeResult", "TaskVectors",
+    "TreeSource", "apply_delta", "bind", "bind_svc", "dare", "hparams",
     "dare_average", "dare_task_arithmetic", "dare_ties", "get_method", "iso_c", "iso_cts",
-    "merge_checkpoints", "merge_delta", "resolve_hparams", "simple_average", "svc", "svc_alpha",
-    "task_arithmetic", "ties", "ties_cuts", "ties_paper", "tsv_m",
+    "merge_checkpoints", "merge_delta", "open_source", "simple_average", "svc",
+    "svc_alpha", "task_arithmetic", "task_vectors", "ties", "ties_cuts", "ties_paper", "tsv_m",
 ]

@@ -1,35 +1,36 @@
-"""Streaming merge engine: the registry's pure functions run over checkpoints on disk.
+"""The merge driver: the registry's pure functions run over checkpoints on disk, with a report.
 
-Nothing here holds K models: :class:`TaskVectors` is a lazy ``{path: tau [K, ...]}`` mapping that
-reads one Flax leaf of each checkpoint on access (``ckpt.leaf(path)``, or, for float32
-safetensors, the stored bytes in cache-sized chunks: :func:`_raw_chunks`), subtracts the base leaf
-and hands the ``[K, ...]`` block to the method, which touches one leaf at a time (TIES makes three
-such passes: histogram, bucket gather, merge). Resident memory is therefore about one merged model
-(the delta) plus K copies of the largest leaf.
+:func:`merge_delta` opens the inputs (:mod:`larv_jax.merging.sources`), streams them through the
+lazy task vectors of :mod:`larv_jax.merging.stream` into a method of
+:mod:`larv_jax.merging.registry` (then SVC), and writes the provenance report (hyperparameters,
+sha256 of the inputs, versions, timings); :func:`apply_delta` is the one ``theta0 + s * D``.
+Nothing here holds K models.
 
-The LARV veneer hooks in between the two steps of :func:`merge_checkpoints`:
+The LARV veneer hooks in between the two steps of :func:`merge_checkpoints`
+(:mod:`larv_jax.larv.plan`):
 
     result = merge_delta(base, models, "ties")            # delta D (coefficient included) + report
-    scales = ...                                          # per-leaf s (scalar, or [B] per block)
+    scales = plan(...).leaf_scales(shapes)                # per-leaf s (scalar, or [B, 1, ..])
     params = apply_delta(base, result.delta, scales=scales)   # theta0 + s * D
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import importlib.metadata
-import inspect
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from larv_jax import tree
-from larv_jax.arrays import empty_like_order, is_swapped, memory_order
+from larv_jax.merging import registry
+from larv_jax.merging.sources import LeafSource, open_source
+from larv_jax.merging.stream import TaskVectors, validate
+from larv_jax.merging.svc import svc as svc_fn
+from larv_jax.merging.svc import svc_alpha as default_alpha
 
 Flat = dict[str, np.ndarray]
 
@@ -37,389 +38,6 @@ Flat = dict[str, np.ndarray]
 class MergeResult(NamedTuple):
     delta: Flat          # {path: D}, Flax layout, float32; only leaves the models carry
     report: dict         # JSON-serialisable: method, hparams, inputs, versions, timings
-
-
-def _open(ckpt: Any):
-    if isinstance(ckpt, (str, Path)):
-        from larv_jax.checkpoint import load_checkpoint
-
-        return load_checkpoint(ckpt)
-    return ckpt
-
-
-def _name(ckpt: Any) -> str:
-    return str(getattr(ckpt, "origin", ckpt))
-
-
-class TaskVectors(Mapping):
-    """Lazy ``{path: tau [K, ...]}``: ``tau_k = model_k.leaf(path) - base.leaf(path)``, float32.
-
-    Checks on first read of each leaf: same shape as the base, all finite (a ValueError naming the
-    file and the key otherwise). Returned arrays are the consumer's (``fresh = True``): it may
-    modify them in place.
-
-    ``reuse_buffers=True`` hands out views of one buffer (grown to the largest leaf) for every
-    leaf, so an array is only valid until the next read. This is for consumers
-    that touch one leaf at a time (every registry method and SVC, as :func:`merge_delta` runs
-    them): a fresh 0.9 GB ``[8, 12, 768, 3072]`` block per leaf otherwise spends more time in the
-    kernel zeroing new pages than in reading the files (measured on the 2-core VM).
-    """
-
-    fresh = True
-
-    def __init__(self, base: Any, models: Sequence[Any], paths: Sequence[str], *,
-                 reuse_buffers: bool = False, read_ahead_bytes: int = 256 << 20):
-        if not models:
-            raise ValueError("no fine-tuned models given (models is empty)")
-        self.base = base
-        self.models = list(models)
-        self.paths = list(paths)
-        self._pos = {p: i for i, p in enumerate(self.paths)}
-        self.num_tasks = len(self.models)
-        self.read_s = 0.0
-        self._checked: set[str] = set()
-        self.reuse_buffers = reuse_buffers
-        self._pools = {"stack": np.empty(0, np.float32), "sum": np.empty(0, np.float32)}
-        self._ahead: dict[str, concurrent.futures.Future] = {}
-        self.read_ahead_bytes = read_ahead_bytes
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __contains__(self, path: object) -> bool:
-        return path in self._pos
-
-    def _buffer(self, name: str, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
-        """A float32 ``shape`` array in ``like``'s memory order: from the named reused pool
-        (grown as needed) with ``reuse_buffers``, else fresh."""
-        if not self.reuse_buffers:
-            return empty_like_order(shape, like)
-        size = int(np.prod(shape, dtype=np.int64))
-        if self._pools[name].size < size:
-            self._pools[name] = np.empty(size, np.float32)
-        return empty_like_order(shape, like, pool=self._pools[name])
-
-    def _prepare(self, path: str) -> tuple[np.ndarray, bool, list[list] | None]:
-        """``(base leaf in native order, check, raw layouts or None)`` for one read of ``path``;
-        shapes checked against the base."""
-        check = path not in self._checked
-        b = _read(self.base, path, check, native=True)
-        for m in self.models:
-            shape_k = tuple(m.shape(path)) if hasattr(m, "shape") else b.shape
-            if shape_k != b.shape:
-                raise ValueError(f"{_name(m)}: {path!r} has shape {shape_k}; the base "
-                                 f"{_name(self.base)} has {b.shape}")
-        return b, check, self._raw_layouts(path, b)
-
-    def _raw_layouts(self, path: str, b: np.ndarray) -> list[list] | None:
-        """Every model's stored float32 spans of ``path`` when they are, concatenated, the leaf
-        in ``b``'s memory order (:meth:`larv_jax.checkpoint.Checkpoint.raw_layout`); else None
-        (then each model's :meth:`leaf` read converts)."""
-        swapped = is_swapped(b)
-        if (not hasattr(os, "preadv") or b.dtype != np.float32   # no preadv: Windows
-                or not (swapped or b.flags.c_contiguous)):
-            return None
-        layouts = []
-        for m in self.models:
-            get = getattr(m, "raw_layout", None)
-            lay = get(path) if get is not None else None
-            if lay is None or lay[1] != swapped:
-                return None
-            layouts.append(lay[0])
-        return layouts
-
-    def _chunks(self, path: str, b: np.ndarray, check: bool, layouts: list[list],
-                target) -> Iterator[tuple[int, int, int, np.ndarray]]:
-        """:func:`_raw_chunks` (tau chunks, read and base-subtracted in cache) with the
-        finiteness check of a first read done on each chunk while it is in cache."""
-        b_mem = memory_order(b)[0].reshape(-1)
-        for k, lo, hi, x in _raw_chunks(b_mem, layouts, target):
-            if check and not np.isfinite(np.sum(x, dtype=np.float64)):
-                self._raise_nonfinite(path, b)
-            yield k, lo, hi, x
-
-    def _raise_nonfinite(self, path: str, b: np.ndarray) -> None:
-        """Name the model whose leaf has NaN/Inf (a tau chunk was not finite)."""
-        for m in self.models:
-            _read(m, path, True, out=np.empty(b.shape, np.float32))
-        raise ValueError(f"{path!r}: a task vector is not finite (the difference of finite "
-                         "weights overflows float32)")
-
-    def __getitem__(self, path: str) -> np.ndarray:
-        t0 = time.perf_counter()
-        b, check, layouts = self._prepare(path)
-        stack = self._buffer("stack", (self.num_tasks, *b.shape), b)
-        if layouts is not None:
-            # cache-sized chunks: each piece of tau_k is read, has the base subtracted and is
-            # checked while in cache, instead of three passes over the whole leaf
-            mems = [memory_order(stack[k])[0].reshape(-1) for k in range(self.num_tasks)]
-            for _ in self._chunks(path, b, check, layouts, lambda k, lo, hi: mems[k][lo:hi]):
-                pass
-        else:
-            for k, m in enumerate(self.models):
-                _read(m, path, check, out=stack[k])   # straight into place: no per-model copy
-                np.subtract(stack[k], b, out=stack[k])
-        self._checked.add(path)
-        self.read_s += time.perf_counter() - t0
-        return stack
-
-    def task_sum(self, path: str, scale: float | None = None) -> np.ndarray:
-        """``sum_k tau_k`` of one leaf, float64, in the base leaf's memory order; with ``scale``,
-        ``float32(scale * sum_k tau_k)`` (the product taken in float64, rounded once).
-
-        For the methods that only need the sum (Task Arithmetic, simple averaging, Iso-C): no
-        ``[K, ...]`` stack is built. Checkpoints stored as float32 safetensors are read in
-        cache-sized chunks (:func:`_raw_chunks`: each chunk of the K models is read, has the
-        base subtracted and is added into a float64 accumulator while in cache, and with
-        ``scale`` it is scaled and rounded there too, so no float64 leaf is made); others go
-        one model leaf at a time through a scratch buffer. Either way the arithmetic is
-        ``float64(float32(theta_k - theta0))`` summed in task order, as for an in-memory stack.
-        When the methods walk the leaves in order, the following leaves are read in a
-        background thread while the caller works on this one (reading and numpy's kernels
-        release the GIL): up to ``read_ahead_bytes`` of results ahead (at least one leaf), read
-        one at a time.
-        """
-        fut = self._ahead.pop((path, scale), None)
-        i = self._pos.get(path, -1)
-        dropped = []                          # skipped by the caller, or made for another scale
-        for stale in [a for a in self._ahead if a[1] != scale or self._pos[a[0]] < i]:
-            dropped.append(self._ahead.pop(stale))
-            dropped[-1].cancel()              # not started yet: never will be
-        if fut is not None:
-            result = fut.result()             # one worker, in order: the dropped ones are done
-        else:
-            # out of order: nothing may still be reading (the leaf path shares a scratch buffer)
-            concurrent.futures.wait(dropped + list(self._ahead.values()))
-            self._ahead.clear()
-            result = self._task_sum(path, scale)
-        self._read_ahead(path, scale)
-        return result
-
-    def _read_ahead(self, path: str, scale: float | None) -> None:
-        i = self._pos.get(path)
-        if i is None:
-            return
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="larv-read-ahead")
-        shape = getattr(self.base, "shape", None)
-        item = 8 if scale is None else 4
-        total = 0
-        for nxt in self.paths[i + 1:]:
-            size = (item * int(np.prod(shape(nxt), dtype=np.int64)) if shape is not None
-                    else self.read_ahead_bytes)
-            if (nxt, scale) not in self._ahead:
-                if self._ahead and total + size > self.read_ahead_bytes:
-                    break
-                self._ahead[(nxt, scale)] = self._executor.submit(self._task_sum, nxt, scale)
-            total += size
-            if total >= self.read_ahead_bytes:
-                break
-
-    def _task_sum(self, path: str, scale: float | None = None) -> np.ndarray:
-        t0 = time.perf_counter()
-        b, check, layouts = self._prepare(path)
-        # fresh: the caller keeps it
-        out = empty_like_order(b.shape, b, np.float64 if scale is None else np.float32)
-        if layouts is not None:
-            out_mem = memory_order(out)[0].reshape(-1)
-            n = min(_CHUNK, max(b.size, 1))
-            buf = np.empty(n, np.float32)
-            acc = None if scale is None else np.empty(n, np.float64)
-            last = self.num_tasks - 1
-            for k, lo, hi, x in self._chunks(path, b, check, layouts,
-                                             lambda k, lo, hi: buf[:hi - lo]):
-                a = out_mem[lo:hi] if acc is None else acc[:hi - lo]
-                if k == 0:
-                    np.copyto(a, x)
-                else:
-                    np.add(a, x, out=a)
-                if acc is not None and k == last:
-                    np.multiply(a, scale, out=out_mem[lo:hi], casting="unsafe")
-        else:
-            acc = out if scale is None else empty_like_order(b.shape, b, np.float64)
-            buf = self._buffer("sum", b.shape, b)
-            for k, m in enumerate(self.models):
-                _read(m, path, check, out=buf)
-                np.subtract(buf, b, out=buf)
-                if k == 0:
-                    np.copyto(acc, buf)
-                else:
-                    np.add(acc, buf, out=acc)
-            if scale is not None:
-                np.multiply(acc, scale, out=out, casting="unsafe")
-        self._checked.add(path)
-        self.read_s += time.perf_counter() - t0
-        return out
-
-    def close(self) -> None:
-        """Stop the read-ahead thread (also done when the object is collected)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-            self._ahead.clear()
-
-    def __del__(self) -> None:
-        ex = getattr(self, "_executor", None)
-        if ex is not None:
-            ex.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def buffers(self) -> list[np.ndarray]:
-        """The reused memory (empty unless ``reuse_buffers``)."""
-        return [p for p in self._pools.values() if p.size]
-
-
-_CHUNK = 1 << 16   # float32 elements per chunk: 256 KiB, with its base and sum pieces in L2
-
-
-def _raw_chunks(b_mem: np.ndarray, layouts: Sequence[Sequence[tuple[Path, int, int]]],
-                target: Callable[[int, int, int], np.ndarray]
-                ) -> Iterator[tuple[int, int, int, np.ndarray]]:
-    """Stream K stored leaves chunk by chunk: for each chunk ``[lo, hi)`` of the leaf's memory
-    and each model k, read the model's bytes into ``x = target(k, lo, hi)`` (a float32 array of
-    ``hi - lo`` elements), subtract ``b_mem[lo:hi]`` in place and yield ``(k, lo, hi, x)``.
-
-    ``b_mem``: the base leaf, 1-D in memory order; ``layouts[k]``: model k's
-    ``[(file, byte offset, element count)]`` spans (:meth:`Checkpoint.raw_layout`), the same
-    counts for every model. One ``preadv`` per chunk and model into memory that stays in cache
-    for the subtraction and whatever the caller does with ``x``: measured on the 2-core VM, the
-    sum of eight 113 MB leaves takes 0.28 s this way against 0.92 s for whole-leaf passes.
-    """
-    fds: dict[Path, int] = {}
-    try:
-        for lay in layouts:
-            for file, _, _ in lay:
-                if file not in fds:
-                    fds[file] = os.open(file, os.O_RDONLY)
-        start = 0
-        for j, (_, _, count) in enumerate(layouts[0]):
-            for s in range(0, count, _CHUNK):
-                e = min(count, s + _CHUNK)
-                lo, hi = start + s, start + e
-                base_piece = b_mem[lo:hi]
-                for k, lay in enumerate(layouts):
-                    file, offset, _ = lay[j]
-                    x = target(k, lo, hi)
-                    _pread(fds[file], x, offset + 4 * s, file)
-                    np.subtract(x, base_piece, out=x)
-                    yield k, lo, hi, x
-            start += count
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-def _pread(fd: int, out: np.ndarray, offset: int, file: Path) -> None:
-    """Fill ``out`` (contiguous) from ``fd`` at byte ``offset``; short reads retried, EOF an
-    error naming the file."""
-    view = memoryview(out).cast("B")
-    done = 0
-    while done < view.nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise ValueError(f"{file}: truncated (a tensor's bytes end before byte "
-                             f"{offset + view.nbytes})")
-        done += n
-
-
-def _read(ckpt: Any, path: str, check: bool, out: np.ndarray | None = None,
-          native: bool = False) -> np.ndarray:
-    if _takes_out(type(ckpt)):
-        x = ckpt.leaf(path, out=out, native=native)
-    else:
-        x = np.asarray(ckpt.leaf(path), dtype=np.float32)
-        if out is not None:
-            if x.shape != out.shape:
-                raise ValueError(f"{_name(ckpt)}: {path!r} has shape {x.shape}; expected "
-                                 f"{out.shape}")
-            out[...] = x
-            x = out
-    # A float64 sum of float32 values cannot overflow, so it is finite iff every value is: one
-    # pass without a boolean temporary; the count only when something is wrong.
-    if check and not np.isfinite(np.sum(x, dtype=np.float64)):
-        bad = int(np.size(x) - np.isfinite(x).sum())
-        raise ValueError(f"{_name(ckpt)}: {path!r} has {bad} NaN/Inf value(s)")
-    return x
-
-
-@functools.lru_cache(maxsize=64)
-def _takes_out(cls: type) -> bool:
-    """Whether ``cls.leaf`` takes ``out=`` and ``native=`` (``larv_jax.checkpoint``'s does);
-    looked up once per checkpoint class, not per read."""
-    try:
-        params = inspect.signature(cls.leaf).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return "out" in params and "native" in params
-
-
-def _validate(base: Any, models: Sequence[Any]) -> tuple[list[str], list[str]]:
-    """(paths merged, paths copied from the base); ValueError naming the file and key otherwise."""
-    if not models:
-        raise ValueError("no fine-tuned models given (models is empty)")
-    base_paths = list(base.paths())
-    first = list(models[0].paths())
-    first_set = set(first)
-    for m in models[1:]:
-        ps = set(m.paths())
-        if ps != first_set:
-            extra = sorted(ps - first_set)
-            lack = sorted(first_set - ps)
-            key = extra[0] if extra else lack[0]
-            what = "has" if extra else "lacks"
-            raise ValueError(f"{_name(m)}: {what} parameter {key!r} (compared with "
-                             f"{_name(models[0])}); fine-tuned checkpoints must have the same keys")
-    unknown = sorted(first_set - set(base_paths))
-    if unknown:
-        raise ValueError(f"{_name(models[0])}: parameter {unknown[0]!r} is not in the base "
-                         f"{_name(base)}")
-    for p in first:
-        want = tuple(base.shape(p))
-        for m in models:
-            got = tuple(m.shape(p))
-            if got != want:
-                raise ValueError(f"{_name(m)}: {p!r} has shape {got}; the base {_name(base)} "
-                                 f"has {want}")
-    merged = [p for p in base_paths if p in first_set]
-    copied = [p for p in base_paths if p not in first_set]
-    return merged, copied
-
-
-def resolve_hparams(method: str, hparams: Mapping[str, Any], *,
-                    model: str | None = None) -> dict[str, Any]:
-    """Every keyword of ``METHODS[method]`` with its value (given, else the preset's default).
-
-    Unknown keywords raise a ValueError naming them; ``model`` fills Iso-C's ``model`` argument.
-    """
-    from larv_jax.merging import get_method
-
-    fn = get_method(method)
-    params = {n: p for n, p in inspect.signature(fn).parameters.items()
-              if p.kind == p.KEYWORD_ONLY}
-    extra_ok = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
-    unknown = sorted(set(hparams) - set(params))
-    if unknown and not extra_ok:
-        raise ValueError(f"{method}: unknown hyperparameter(s) {unknown}; valid: {sorted(params)}")
-    out = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-    out.update(getattr(fn, "keywords", {}))           # preset keywords beyond the signature
-    if "model" in params and model is not None:
-        out["model"] = model
-    out.update(hparams)
-    if "then" in out:                                 # DARE: the following merger's defaults too
-        then = inspect.signature(get_method(out["then"])).parameters
-        for n, p in then.items():
-            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty:
-                out.setdefault(n, p.default)
-    if method == "iso_c" and out.get("scale") is None:
-        from larv_jax.merging.methods import ISO_C_SCALES
-
-        out["scale"] = ISO_C_SCALES.get(out.get("model"), 1.0)
-    return out
 
 
 def _jsonable(v: Any) -> Any:
@@ -444,13 +62,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _describe(ckpt: Any, hash_inputs: bool) -> dict[str, Any]:
+def _describe(src: LeafSource, hash_inputs: bool) -> dict[str, Any]:
     from larv_jax.io import sha256_file
 
-    files = [Path(f) for f in getattr(ckpt, "files", [])]
-    return {"path": _name(ckpt), "source_dtype": str(getattr(ckpt, "source_dtype", "float32")),
+    files = [Path(f) for f in src.files]
+    return {"path": str(src.origin), "source_dtype": str(src.source_dtype),
             "files": [{"file": str(f), "sha256": sha256_file(f) if hash_inputs else None}
                       for f in files]}
+
+
+def task_vectors(base: Any, models: Sequence[Any]) -> Flat:
+    """In-memory float32 task vectors ``{path: tau [K, ...]}`` (``tau_k = theta_k - theta0``) of
+    every leaf the models carry, read through :class:`TaskVectors` (the same checks: same keys,
+    shapes as the base, finite). ``base`` / ``models``: checkpoint paths, opened checkpoints or
+    parameter trees."""
+    tv = TaskVectors(base, models)
+    return {p: tv[p] for p in tv}
 
 
 def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = False,
@@ -458,9 +85,11 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
                 **hparams: Any) -> MergeResult:
     """Merge fine-tuned checkpoints into a delta, streaming leaf by leaf.
 
-    ``base`` / ``models``: paths (opened with :func:`larv_jax.checkpoint.load_checkpoint`) or
-    opened checkpoints (anything with ``paths()``, ``shape(path)``, ``leaf(path)``). ``method`` is a
-    :data:`larv_jax.merging.METHODS` name; ``hparams`` override its defaults. With ``svc`` the
+    ``base`` / ``models``: checkpoint paths (opened with
+    :func:`larv_jax.checkpoint.load_checkpoint`), opened checkpoints or parameter trees (any
+    :class:`larv_jax.merging.sources.LeafSource`). ``method`` is a
+    :data:`larv_jax.merging.registry.METHODS` name; ``hparams`` override its defaults (checked by
+    :func:`larv_jax.merging.registry.hparams`). With ``svc`` the
     delta is post-processed by :func:`larv_jax.merging.svc` (``svc_alpha`` defaults to the
     method's value, :data:`larv_jax.merging.SVC_ALPHA`).
 
@@ -470,18 +99,15 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
     ``report["copied_from_base"]`` and have no delta. Float16 / bfloat16 inputs are read as
     float32 (``report["upcast"]``).
     """
-    from larv_jax.merging import get_method
-    from larv_jax.merging import svc as svc_fn
-    from larv_jax.merging import svc_alpha as default_alpha
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    fn = get_method(method)
-    base = _open(base)
-    models = [_open(m) for m in models]
-    merged_paths, copied = _validate(base, models)
-    config = getattr(base, "config", None)
-    hp = resolve_hparams(method, hparams, model=getattr(config, "name", None))
+    fn = registry.get_method(method)
+    base = open_source(base)
+    models = [open_source(m) for m in models]
+    merged_paths, copied = validate(base, models)
+    config = base.config
+    model_name = None if config is None else config.name
+    hp = registry.hparams(method, hparams, model=model_name)
     alpha = None
     if svc:
         alpha = default_alpha(method) if svc_alpha is None else float(svc_alpha)
@@ -518,7 +144,7 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
         "merged_leaves": len(merged_paths),
         "merged_params": int(sum(int(np.prod(base.shape(p))) for p in merged_paths)),
         "copied_from_base": copied,
-        "config": getattr(config, "name", None),
+        "config": model_name,
         "versions": _versions(),
         "timings": timings,
     }
@@ -535,17 +161,18 @@ def _detached(delta: Flat, tv: TaskVectors) -> Flat:
 
 
 def _scale_for(scales: Any, path: str, shape: Sequence[int]) -> Any:
+    """The float32 scale of one leaf: a scalar, or for a stacked leaf one value per block shaped
+    ``[B, 1, ..., 1]`` (:meth:`larv_jax.larv.plan.Plan.leaf_scales`); None where there is none."""
     if scales is None:
         return None
     s = scales(path) if callable(scales) else scales.get(path, None)
     if s is None:
         return None
     s = np.asarray(s, dtype=np.float32)
-    if s.ndim == 1 and tree.is_stacked(path) and s.shape[0] == shape[0]:
-        return s.reshape((-1,) + (1,) * (len(shape) - 1))
-    if s.ndim != 0:
-        raise ValueError(f"scale for {path!r} has shape {s.shape}; expected a scalar or "
-                         f"[{shape[0]}] per block of a stacked leaf")
+    per_block = (shape[0],) + (1,) * (len(shape) - 1) if tree.is_stacked(path) else None
+    if s.ndim != 0 and s.shape != per_block:
+        raise ValueError(f"scale for {path!r} has shape {s.shape}; expected a scalar"
+                         + (f" or {list(per_block)}, one per block" if per_block else ""))
     return s
 
 
@@ -556,7 +183,8 @@ def apply_delta(base: Any, delta: Mapping[str, np.ndarray], *,
     none; leaves without a delta are the base's, unchanged).
 
     ``base``: an opened checkpoint, a path, or a flat ``{path: array}``. ``scales``: ``{path: s}``
-    or ``s(path)``; ``s`` is a scalar or, for stacked leaves, one value per block ``[B]``. With
+    or ``s(path)``; ``s`` is a scalar or, for stacked leaves, one value per block shaped
+    ``[B, 1, ..., 1]``. With
     ``consume`` the entries of ``delta`` (a dict) are released as they are used; with
     ``inplace`` as well (float32 delta arrays nobody else holds, as :func:`merge_delta` returns),
     each ``theta`` is computed in its delta's memory (no second model-sized allocation).
@@ -567,10 +195,9 @@ def apply_delta(base: Any, delta: Mapping[str, np.ndarray], *,
         paths = list(base)
         get = lambda p: np.array(base[p], dtype=np.float32)  # noqa: E731  (a copy: ours to add to)
     else:
-        base = _open(base)
+        base = open_source(base)
         paths = list(base.paths())
-        leaf = functools.partial(base.leaf, native=True) if _takes_out(type(base)) else base.leaf
-        get = lambda p: np.asarray(leaf(p), dtype=np.float32)  # noqa: E731  (fresh)
+        get = functools.partial(base.leaf, native=True)  # fresh float32, the stored order
     unknown = sorted(set(delta) - set(paths))
     if unknown:
         raise ValueError(f"delta has leaves the base lacks: {unknown[:5]}")
@@ -602,7 +229,7 @@ def merge_checkpoints(base: Any, models: Sequence[Any], method: str, *,
     ``kwargs`` are those of :func:`merge_delta` (``svc``, ``svc_alpha``, ``hash_inputs``, method
     hyperparameters); ``scales`` those of :func:`apply_delta` (the LARV veneer's per-leaf ``s``).
     """
-    base = _open(base)
+    base = open_source(base)
     delta, report = merge_delta(base, models, method, **kwargs)
     t0 = time.perf_counter()
     params = apply_delta(base, delta, scales=scales, consume=True, inplace=True)

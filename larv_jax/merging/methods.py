@@ -4,7 +4,7 @@ Every method has the signature ``method(task_vectors, **hparams) -> delta``:
 
 * ``task_vectors``: a mapping ``{path: tau [K, ...]}`` (task axis first, then the Flax leaf,
   stacked leaves ``[K, B, ...]``), or the same as a nested dict. Any ``Mapping`` works, including
-  a lazy one that reads leaves from disk on access (:class:`larv_jax.merging.engine.TaskVectors`):
+  a lazy one that reads leaves from disk on access (:class:`larv_jax.merging.stream.TaskVectors`):
   every method touches one leaf at a time, which is what makes the streaming engine stream.
 * ``delta``: ``{path: D}`` float32 numpy, Flax layout, the same tree structure as the input, and
   INCLUDING the method's own global coefficient, so that ``theta = theta0 + D`` (and LARV's
@@ -17,7 +17,7 @@ tables take the matrix path; the 4-D patch conv, vectors and any leaf matching a
 matrices. The matrix kernels are float64 numpy (:mod:`larv_jax.merging.linalg` says why).
 
 Presets are ``functools.partial`` of the generalized functions; :data:`METHODS` in
-``larv_jax.merging`` is the one registry.
+:mod:`larv_jax.merging.registry` is the one registry.
 """
 
 from __future__ import annotations
@@ -408,13 +408,7 @@ def dare(task_vectors: Mapping[str, Any], *, p: float = 0.5, key: Any = 0,
     nexts = {"task_arithmetic": task_arithmetic, "ties": ties, "simple_average": simple_average}
     if then not in nexts:
         raise ValueError(f"then must be one of {sorted(nexts)}; got {then!r}")
-    import inspect
-
-    allowed = set(inspect.signature(nexts[then]).parameters) - {"task_vectors"}
-    unknown = sorted(set(then_kwargs) - allowed)
-    if unknown:
-        raise ValueError(f"dare then={then!r}: unknown hyperparameter(s) {unknown}; "
-                         f"valid: {sorted(allowed | {'p', 'key', 'masks', 'then'})}")
+    # unknown options of `then` are caught by larv_jax.merging.registry.hparams (and by Python)
     tv, nested = _flat(task_vectors)
     flat_masks = tree.flatten(masks) if masks and any(
         isinstance(v, Mapping) for v in masks.values()) else masks
