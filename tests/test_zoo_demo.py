@@ -25,7 +25,8 @@ def test_zoo_cli_then_demo_quick(tmp_path, capsys):
 
     names = list(zoo.task_names)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    veneers = ["none", *report.LARV_GATES, *report.QUICK_SCHEDULES, report.MATCHED]
+    controls = [report.matched_name(g) for g in report.LARV_GATES]
+    veneers = ["none", *report.LARV_GATES, *report.QUICK_SCHEDULES, *controls]
     assert [(r["merger"], r["gate"]) for r in rows] == [
         (m, g) for m in report.QUICK_METHODS for g in veneers]
     by_cell = {(r["merger"], r["gate"]): r for r in rows}
@@ -39,7 +40,8 @@ def test_zoo_cli_then_demo_quick(tmp_path, capsys):
             assert set(np.round(s, 6)) <= {0.5, 1.0, 1.5}
         if r["gate"] == "continuous":
             assert ((s > 0.5) & (s < 1.5)).all()
-            matched = by_cell[(r["merger"], report.MATCHED)]["s"]
+        if r["gate"] in report.LARV_GATES:  # its control: one uniform scale, the gate's mean s
+            matched = by_cell[(r["merger"], report.matched_name(r["gate"]))]["s"]
             np.testing.assert_allclose(matched, np.full(len(s), s.mean()), atol=1e-4)
 
     table = (out / "table.md").read_text()
@@ -60,6 +62,19 @@ def test_zoo_cli_then_demo_quick(tmp_path, capsys):
         assert len(diag["units"]) == len(by[(m, "tiered")]["s"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tasks"] == names and set(summary["larv_gain"]) == set(veneers[1:])
+
+    # the lambda sweep: Task Arithmetic at each lambda, plain and tiered; its plain lambda = 0.3
+    # cell is the grid's plain TA cell (same merge, same evaluation)
+    lam_rows = [json.loads(line) for line in (out / "lambda.jsonl").read_text().splitlines()]
+    assert [(r["method_options"]["scale"], r["gate"]) for r in lam_rows] == [
+        (lam, g) for lam in report.QUICK_LAMBDAS for g in ("none", "tiered")]
+    lam03 = next(r for r in lam_rows if r["method_options"]["scale"] == 0.3 and r["gate"] == "none")
+    assert lam03["eval"] == by_cell[("task_arithmetic", "none")]["eval"]
+    curves = summary["lambda"]
+    assert set(curves) == {"none", "tiered"} and set(curves["none"]) == {"0.1", "0.3", "1"}
+    assert (out / "plots" / "lambda_ta.png").read_bytes()[:8] == PNG_MAGIC
+    assert "## Task Arithmetic against its coefficient lambda" in table
+    assert "## Summary" in table and "Zero-shot" in printed and "## Summary" in printed
 
     # Independent check of the plain TA row: theta0 + 0.3 * sum_k (theta_k - theta0), by hand,
     # evaluated through larv_jax.eval on the zoo's TFDS test splits.
@@ -96,3 +111,34 @@ def test_demo_refuses_foreign_out_dir(tmp_path, capsys):
     assert not (tmp_path / "zoo").exists()  # refused before building anything
     assert main(["demo", "--quick", "--methods", "nope", "--out", str(tmp_path / "o")]) == 1
     assert "unknown merge method" in capsys.readouterr().err
+
+
+def test_demo_seed_study_quick(tmp_path, capsys):
+    """`larv demo --seeds 0,1`: one zoo per seed (seed N beside seed 0's as <zoo>-seedN), each
+    seed's files under seed<N>/, and seeds.json agreeing with the per-seed results."""
+    zoo_dir, out = tmp_path / "zoo", tmp_path / "demo"
+    assert main(["demo", "--quick", "--seeds", "0,1", "--zoo", str(zoo_dir), "--out", str(out),
+                 "--methods", "task_arithmetic", "--schedules", "", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert open_zoo(zoo_dir).manifest["seed"] == 0
+    assert open_zoo(tmp_path / "zoo-seed1").manifest["seed"] == 1
+    study = json.loads((out / "seeds.json").read_text())
+    assert study["seeds"] == [0, 1]
+    per_seed = {}
+    for seed in (0, 1):
+        rows = [json.loads(line) for line in
+                (out / f"seed{seed}" / "results.jsonl").read_text().splitlines()]
+        names = json.loads((out / f"seed{seed}" / "summary.json").read_text())["tasks"]
+        per_seed[seed] = {r["gate"]: report.accuracies(r, names)[-1] for r in rows}
+    tiered = next(e for e in study["entries"] if e["veneer"] == "tiered")
+    gains = [per_seed[s]["tiered"] - per_seed[s]["none"] for s in (0, 1)]
+    np.testing.assert_allclose(tiered["gain"]["values"], gains, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tiered["gain"]["sd"], np.std(gains, ddof=1), rtol=0, atol=1e-12)
+    control = report.matched_name("tiered")
+    np.testing.assert_allclose(tiered["matched"]["values"],
+                               [per_seed[s][control] - per_seed[s]["none"] for s in (0, 1)],
+                               rtol=0, atol=1e-12)
+    assert "| Task Arithmetic | tiered |" in (out / "seeds.md").read_text()
+    assert "## over seeds 0,1" in printed and "Over 2 seeds" in printed
+    assert main(["demo", "--quick", "--seeds", "0,0", "--out", str(tmp_path / "o")]) == 1
+    assert "distinct" in capsys.readouterr().err

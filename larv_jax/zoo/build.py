@@ -17,6 +17,7 @@ directory and renamed into place (:func:`larv_jax.io.atomic_path`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -30,7 +31,7 @@ from larv_jax.io import atomic_path, read_json, sha256_file
 from larv_jax.zoo import images as im
 from larv_jax.zoo.tasks import QUICK_TASKS, ZOO_TASKS, get_zoo_task
 
-FORMAT = 2  # bump when the build procedure changes what a spec produces
+FORMAT = 3  # bump when the build procedure changes what a spec produces
 MANIFEST = "manifest.json"
 
 
@@ -39,6 +40,10 @@ class ZooSpec:
     """Everything that determines a zoo besides the seed (hashed into the manifest)."""
 
     tasks: tuple[str, ...] = tuple(ZOO_TASKS)
+    # "distinct": each task draws on its own background domain (ZooTask.domain) and pretraining
+    # also sees captioned scenes on every domain; "shared": every object task on the same noisy
+    # grey (the zoo before format 3, where merging fell below zero-shot)
+    domains: str = "distinct"
     # model
     image_size: int = 32
     patch_size: int = 8
@@ -62,9 +67,10 @@ class ZooSpec:
     n_test: int = 500
     finetune_steps: int = 300
     finetune_batch: int = 64
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 3e-4
     finetune_warmup: int = 30
     finetune_weight_decay: float = 0.0
+    finetune_optimizer: str = "adamw"
     digits_test_glyphs: int = 500
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +96,8 @@ def zoo_spec(quick: bool = False, **overrides: Any) -> ZooSpec:
         raise ValueError(f"unknown zoo spec field(s) {bad}; valid: "
                          f"{[f.name for f in dataclasses.fields(ZooSpec)]}")
     spec = dataclasses.replace(spec, **overrides)
+    if spec.domains not in ("shared", "distinct"):
+        raise ValueError(f"zoo spec domains must be 'shared' or 'distinct'; got {spec.domains!r}")
     for t in spec.tasks:
         get_zoo_task(t)
     if not spec.tasks:
@@ -124,7 +132,7 @@ def split_glyphs(seed: int, n_test: int) -> dict[str, tuple[np.ndarray, np.ndarr
 
 
 def task_arrays(name: str, *, seed: int, n_train: int, n_test: int,
-                glyphs: dict[str, tuple[np.ndarray, np.ndarray]]
+                glyphs: dict[str, tuple[np.ndarray, np.ndarray]], domains: str = "shared"
                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"train": (images, labels), "test": (...)}`` of one zoo task (uint8, int64)."""
     task = get_zoo_task(name)
@@ -143,14 +151,16 @@ def task_arrays(name: str, *, seed: int, n_train: int, n_test: int,
             gen: Callable = im.make_digit_task(g, lab)
         else:
             gen = getattr(im, task.generator)
+            if domains == "distinct" and task.domain is not None:
+                gen = functools.partial(gen, background=im.DOMAINS[task.domain])
         out[split] = gen(rng, n)
     return out
 
 
-def pretraining_data(*, seed: int, n: int, glyphs: dict[str, tuple[np.ndarray, np.ndarray]]
-                     ) -> tuple[np.ndarray, list[str]]:
+def pretraining_data(*, seed: int, n: int, glyphs: dict[str, tuple[np.ndarray, np.ndarray]],
+                     domains: str = "shared") -> tuple[np.ndarray, list[str]]:
     """The captioned pretraining pool (train glyphs only: no test digit is ever seen)."""
-    mixture = im.pretraining_mixture(*glyphs["train"])
+    mixture = im.pretraining_mixture(*glyphs["train"], domains=domains == "distinct")
     return im.caption_pool(np.random.default_rng([seed, 3]), n, mixture)
 
 
@@ -196,8 +206,9 @@ def train_zoo(*, seed: int = 0, spec: ZooSpec | None = None, progress: bool = Fa
     data = {}
     for name in _iter(spec.tasks, "tasks", progress):
         data[name] = task_arrays(name, seed=seed, n_train=spec.n_train, n_test=spec.n_test,
-                                 glyphs=glyphs)
-    pool_images, captions = pretraining_data(seed=seed, n=spec.pretrain_pool, glyphs=glyphs)
+                                 glyphs=glyphs, domains=spec.domains)
+    pool_images, captions = pretraining_data(seed=seed, n=spec.pretrain_pool, glyphs=glyphs,
+                                             domains=spec.domains)
     t0 = _timed(timings, "data", t0)
     say(f"data: {len(spec.tasks)} tasks x ({spec.n_train} train, {spec.n_test} test), "
         f"{spec.pretrain_pool} captioned images ({timings['data']:.1f} s)")
@@ -232,6 +243,7 @@ def train_zoo(*, seed: int = 0, spec: ZooSpec | None = None, progress: bool = Fa
             base_vision, config=config, proj=proj, head=head, images=xtr, labels=ytr,
             steps=spec.finetune_steps, batch_size=spec.finetune_batch, lr=spec.finetune_lr,
             warmup=spec.finetune_warmup, weight_decay=spec.finetune_weight_decay,
+            optimizer=spec.finetune_optimizer,
             seed=seed * 1000 + k, progress=progress, desc=f"finetune {name}")
         t0 = _timed(timings, "finetune", t0)
         ft = train.accuracy(vparams, config=config, proj=proj, head=head, images=xte, labels=yte)

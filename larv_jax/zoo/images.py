@@ -98,6 +98,72 @@ def noisy_background(rng: np.random.Generator, sigma: float = 10.0) -> np.ndarra
     return np.clip(bg, 0, 255).astype(np.uint8)
 
 
+# -- task domains: one background look per task, so tasks differ in input domain as real suites
+# do (digits, satellite images, textures, ...); see ``ZooSpec.domains`` and the README's account
+# of what was tried (darker, pretraining-like domains transferred better but interfered more).
+
+def _finish(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def paper(rng: np.random.Generator) -> np.ndarray:
+    """Light cream paper with faint grain."""
+    base = np.asarray([230, 224, 204], np.float32) + rng.integers(-14, 15, 3)
+    return _finish(base + rng.normal(0, 4.0, (SIZE, SIZE, 1)).astype(np.float32))
+
+
+def night(rng: np.random.Generator) -> np.ndarray:
+    """Dark navy sky with a few faint stars."""
+    base = np.asarray([16, 20, 46], np.float32) + rng.integers(-8, 9, 3)
+    img = np.broadcast_to(base, (SIZE, SIZE, 3)).copy()
+    for _ in range(int(rng.integers(4, 12))):
+        y, x = rng.integers(0, SIZE, 2)
+        img[y, x] = float(rng.integers(90, 170))
+    return _finish(img + rng.normal(0, 2.0, img.shape))
+
+
+def grass(rng: np.random.Generator) -> np.ndarray:
+    """Green blotchy grass."""
+    base = np.asarray([62, 128, 52], np.float32) + rng.integers(-15, 16, 3)
+    coarse = rng.normal(0, 16.0, (SIZE // 4, SIZE // 4, 1)).astype(np.float32)
+    return _finish(base + np.kron(coarse, np.ones((4, 4, 1), np.float32))
+                   + rng.normal(0, 6.0, (SIZE, SIZE, 1)).astype(np.float32))
+
+
+def sky(rng: np.random.Generator) -> np.ndarray:
+    """Vertical gradient from a deep to a pale blue."""
+    top = np.asarray([80, 140, 215], np.float32) + rng.integers(-15, 16, 3)
+    bottom = np.asarray([200, 225, 245], np.float32) + rng.integers(-10, 11, 3)
+    t = (np.arange(SIZE, dtype=np.float32)[:, None, None] + 0.5) / SIZE
+    img = (1 - t) * top + t * bottom + np.zeros((SIZE, SIZE, 3), np.float32)
+    return _finish(img + rng.normal(0, 3.0, img.shape))
+
+
+def sand(rng: np.random.Generator) -> np.ndarray:
+    """Beige sand with faint diagonal ripples."""
+    base = np.asarray([205, 178, 132], np.float32) + rng.integers(-12, 13, 3)
+    x, y = _grid()
+    ripple = 10.0 * np.sin((x + y) * float(rng.uniform(0.5, 0.9)) + rng.uniform(0, 6.3))
+    return _finish(base + ripple[..., None]
+                   + rng.normal(0, 7.0, (SIZE, SIZE, 1)).astype(np.float32))
+
+
+def fabric(rng: np.random.Generator) -> np.ndarray:
+    """Dark grey cloth with a fine cross-hatch."""
+    g = float(rng.integers(50, 80))
+    x, y = _grid()
+    hatch = 14.0 * (((x.astype(int) + y.astype(int)) % 3 == 0)
+                    | ((x.astype(int) - y.astype(int)) % 3 == 0))
+    return _finish(g + hatch[..., None] + rng.normal(0, 4.0, (SIZE, SIZE, 3)).astype(np.float32))
+
+
+DOMAINS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
+    "paper": paper, "night": night, "grass": grass, "sky": sky, "sand": sand, "fabric": fabric,
+}
+DOMAIN_PHRASES = {"paper": "on paper", "night": "at night", "grass": "on the grass",
+                  "sky": "in the sky", "sand": "on the sand", "fabric": "on fabric"}
+
+
 def _grid(n: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     y, x = np.mgrid[0:n, 0:n].astype(np.float32)
     return x + 0.5, y + 0.5
@@ -241,7 +307,8 @@ def _random_shape_item(rng: np.random.Generator, *, shape: str | None = None,
     return (shape, cx, cy, r, float(rng.uniform(-0.35, 0.35)), jitter_colour(rng, colour))
 
 
-def gen_shapes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def gen_shapes(rng: np.random.Generator, n: int, background: Callable | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Which shape: one shape of any colour, size and place on a noisy background, plus a small
     distractor dot half of the time."""
     labels = _balanced_labels(rng, n, len(SHAPES))
@@ -251,11 +318,12 @@ def gen_shapes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray
         if rng.uniform() < 0.5:
             items.insert(0, ("circle", *rng.uniform(3, 29, 2), 1.5, 0.0,
                              jitter_colour(rng, str(rng.choice(list(COLOURS))))))
-        out[i] = add_noise(rng, draw_shapes(noisy_background(rng), items), 6.0)
+        out[i] = add_noise(rng, draw_shapes((background or noisy_background)(rng), items), 6.0)
     return out, labels
 
 
-def gen_colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def gen_colours(rng: np.random.Generator, n: int, background: Callable | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Which colour: one or two shapes of the same colour, under random brightness (x0.45-1.15)
     and desaturation (up to 45 % grey), so neighbouring hues (red/orange/pink, blue/purple/cyan)
     get confusable."""
@@ -271,34 +339,37 @@ def gen_colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
             grey = rgb.mean()
             rgb = rgb + rng.uniform(0.0, 0.45) * (grey - rgb)
             items.append((*it[:5], tuple(int(v) for v in np.clip(np.round(rgb), 0, 255))))
-        out[i] = add_noise(rng, draw_shapes(noisy_background(rng), items), 10.0)
+        out[i] = add_noise(rng, draw_shapes((background or noisy_background)(rng), items), 10.0)
     return out, labels
 
 
-def gen_counts(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def gen_counts(rng: np.random.Generator, n: int, background: Callable | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """How many objects (one..six): small shapes of mixed kind and colour, scattered."""
     labels = _balanced_labels(rng, n, len(COUNTS))
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, y in enumerate(labels):
         r = float(rng.uniform(2.6, 3.6))
         items = [_random_shape_item(rng, r=r, centre=c) for c in scatter(rng, int(y) + 1, r)]
-        out[i] = add_noise(rng, draw_shapes(noisy_background(rng), items), 5.0)
+        out[i] = add_noise(rng, draw_shapes((background or noisy_background)(rng), items), 5.0)
     return out, labels
 
 
-def gen_positions(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def gen_positions(rng: np.random.Generator, n: int, background: Callable | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Where the object is: a 3x3 grid of places, any shape and colour, on a texture or plain."""
     labels = _balanced_labels(rng, n, len(POSITIONS))
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, y in enumerate(labels):
         r = float(rng.uniform(3.5, 5.0))
         centre = position_centre(rng, POSITIONS[y], jitter=1.5)
-        bg = noisy_background(rng)
+        bg = (background or noisy_background)(rng)
         out[i] = add_noise(rng, draw_shapes(bg, [_random_shape_item(rng, r=r, centre=centre)]), 6.0)
     return out, labels
 
 
-def gen_sizes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def gen_sizes(rng: np.random.Generator, n: int, background: Callable | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """How big the object is (tiny / small / large / huge), anywhere it fits."""
     labels = _balanced_labels(rng, n, len(SIZES))
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
@@ -306,7 +377,7 @@ def gen_sizes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]
         r = float(rng.uniform(*SIZE_RADIUS[SIZES[y]]))
         lo, hi = min(r + 0.5, 16.0), max(SIZE - r - 0.5, 16.0)
         centre = tuple(float(v) for v in rng.uniform(lo, hi, 2))
-        out[i] = add_noise(rng, draw_shapes(noisy_background(rng),
+        out[i] = add_noise(rng, draw_shapes((background or noisy_background)(rng),
                                             [_random_shape_item(rng, r=r, centre=centre)]), 6.0)
     return out, labels
 
@@ -331,7 +402,8 @@ def bar_polygon(cx: float, cy: float, length: float, width: float, angle_deg: fl
             for sx, sw in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
 
 
-def gen_orientations(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def gen_orientations(rng: np.random.Generator, n: int, background: Callable | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Which way the bars run (horizontal, vertical, rising, falling): one to three short
     parallel bars (+-15 degrees) anywhere on a noisy background, not the full-frame gratings of
     pretraining."""
@@ -339,7 +411,8 @@ def gen_orientations(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.n
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, y in enumerate(labels):
         angle = ORIENTATION_ANGLE[ORIENTATIONS[y]] + float(rng.uniform(-15, 15))
-        img = Image.fromarray(noisy_background(rng)).resize((SIZE * SUPER,) * 2, Image.NEAREST)
+        bg = (background or noisy_background)(rng)
+        img = Image.fromarray(bg).resize((SIZE * SUPER,) * 2, Image.NEAREST)
         d = ImageDraw.Draw(img)
         for _ in range(int(rng.integers(1, 4))):
             length, width = float(rng.uniform(10, 22)), float(rng.uniform(1.8, 3.5))
@@ -431,11 +504,33 @@ def make_caption_digit(glyphs: np.ndarray, glyph_labels: np.ndarray) -> Callable
     return caption_digit
 
 
-def pretraining_mixture(glyphs: np.ndarray, glyph_labels: np.ndarray
+def caption_scene(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """One shape on one of the task domains' backgrounds; the caption names the domain and, some
+    of the time, the shape or its colour (so pretraining has seen every domain, but rarely with
+    the words a task asks about)."""
+    domain = _pick(rng, list(DOMAINS))
+    shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+    r = float(rng.uniform(3.0, 10.0))
+    img = draw_shapes(DOMAINS[domain](rng), [_random_shape_item(rng, shape=shape, colour=colour,
+                                                                r=r)])
+    phrase = DOMAIN_PHRASES[domain]
+    u = rng.uniform()
+    if u < 0.25:
+        caption = f"a {shape} {phrase}"
+    elif u < 0.5:
+        caption = f"something {colour} {phrase}"
+    else:
+        caption = _pick(rng, (phrase, f"a photo {phrase}", f"a picture {phrase}"))
+    return img, caption
+
+
+def pretraining_mixture(glyphs: np.ndarray, glyph_labels: np.ndarray, *, domains: bool = False
                         ) -> tuple[tuple[Callable, float], ...]:
-    """``(caption_fn, weight)`` pairs of the captioned pretraining mixture."""
-    return ((caption_object, 0.40), (caption_count, 0.15), (caption_texture, 0.15),
-            (caption_orientation, 0.10), (make_caption_digit(glyphs, glyph_labels), 0.20))
+    """``(caption_fn, weight)`` pairs of the captioned pretraining mixture (``domains``: plus
+    captioned scenes on the task domains' backgrounds)."""
+    mix = ((caption_object, 0.40), (caption_count, 0.15), (caption_texture, 0.15),
+           (caption_orientation, 0.10), (make_caption_digit(glyphs, glyph_labels), 0.20))
+    return (*mix, (caption_scene, 0.20)) if domains else mix
 
 
 def caption_pool(rng: np.random.Generator, n: int, mixture) -> tuple[np.ndarray, list[str]]:

@@ -22,9 +22,21 @@ LARV_GATES = ("tiered", "continuous")
 # Depth-only schedules (the LARV paper's Table 5/6 baselines), shown in the schedule table.
 SCHEDULES = ("linear", "tier2", "tier3", "tier6", "tier12")
 QUICK_METHODS = ("task_arithmetic", "ties")
-# Control veneer: uniform(mean of the continuous gate's s) per base merger.
+# Control veneers: uniform(mean of a LARV gate's s) per base merger and gate.
 MATCHED = "matched_uniform"
 QUICK_SCHEDULES = ("linear",)
+# Task Arithmetic's coefficient sweep (plain and LARV tiered).
+LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+QUICK_LAMBDAS = (0.1, 0.3, 1.0)
+
+
+def matched_name(gate: str) -> str:
+    """The control veneer of ``gate``: a uniform scale equal to the mean of its scales."""
+    return f"{MATCHED}({gate})"
+
+
+def lambda_label(lam: float) -> str:
+    return f"task_arithmetic@{lam:g}"
 
 
 def grid(methods: Sequence[str], schedules: Sequence[str]
@@ -108,3 +120,144 @@ def larv_summary(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> dic
                       "max_gain": float(np.max(gains)), "improved": int(np.sum(np.asarray(gains) > 0)),
                       "mergers": len(gains)}
     return out
+
+
+def lambda_curves(lam_rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]
+                  ) -> dict[str, dict[str, float]]:
+    """``{gate: {lambda: average top-1}}`` of the Task Arithmetic sweep."""
+    out: dict[str, dict[str, float]] = {}
+    for r in lam_rows:
+        lam = r["method_options"]["scale"]
+        out.setdefault(r["gate"], {})[f"{lam:g}"] = accuracies(r, tasks)[-1]
+    return out
+
+
+def lambda_table(lam_rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str:
+    """Markdown: lambda x (plain, LARV tiered) average top-1 (%), the best of each column bold."""
+    curves = lambda_curves(lam_rows, tasks)
+    gates = list(curves)
+    lams = list(dict.fromkeys(k for c in curves.values() for k in c))
+    best = {g: max(curves[g].values()) for g in gates}
+    head = "| lambda | " + " | ".join("Task Arithmetic" if g == "none" else f"+ LARV ({g})"
+                                      for g in gates) + " |"
+    lines = [head, "|---:|" + "---:|" * len(gates)]
+    for lam in lams:
+        cells = []
+        for g in gates:
+            v = curves[g].get(lam)
+            cells.append("" if v is None else (f"**{pct(v)}**" if v == best[g] else pct(v)))
+        lines.append(f"| {lam} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_lambda(lam_rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], path, *,
+                title: str | None = None):
+    """PNG of average top-1 against Task Arithmetic's lambda, one line per gate (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from larv_jax.io import atomic_path
+
+    curves = lambda_curves(lam_rows, tasks)
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for gate, c in curves.items():
+        xs = [float(k) for k in c]
+        ax.plot(xs, [100 * v for v in c.values()], marker="o", ms=4,
+                label="Task Arithmetic" if gate == "none" else f"+ LARV ({gate})")
+    ax.set_xlabel("lambda (Task Arithmetic coefficient)")
+    ax.set_ylabel("average top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _best(curve: Mapping[str, float]) -> tuple[str, float]:
+    lam = max(curve, key=curve.get)
+    return lam, curve[lam]
+
+
+def plain_summary(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], *,
+                  pretrained: Sequence[float], individual: Sequence[float],
+                  lam_rows: Sequence[Mapping[str, Any]] = ()) -> str:
+    """A few plain sentences on one seed's table: where merging sits, what each LARV gate does
+    against its plain merger and against its matched-uniform control, and the lambda sweep."""
+    by = {(r["merger"], r["gate"]): accuracies(r, tasks)[-1] for r in rows if "eval" in r}
+    mergers = list(dict.fromkeys(m for m, g in by if g == "none"))
+    if not mergers:
+        return "No plain merger was run."
+    zs, ft = pretrained[-1], individual[-1]
+    plain = {m: by[(m, "none")] for m in mergers}
+    best = max(plain, key=plain.get)
+    above = sum(v > zs for v in plain.values())
+    out = [f"Zero-shot {pct(zs)} %, fine-tuned individually {pct(ft)} %. The plain mergers "
+           f"range from {pct(min(plain.values()))} to {pct(max(plain.values()))} % "
+           f"({above} of {len(plain)} above zero-shot); the best is "
+           f"{DISPLAY.get(best, best)} ({pct(plain[best])} %)."]
+    for gate in LARV_GATES:
+        gains = [by[(m, gate)] - plain[m] for m in mergers if (m, gate) in by]
+        ctrl = [by[(m, matched_name(gate))] - plain[m] for m in mergers
+                if (m, matched_name(gate)) in by]
+        if not gains:
+            continue
+        text = (f"LARV {gate} changes the average by {100 * np.mean(gains):+.2f} points over the "
+                f"{len(gains)} mergers (from {100 * min(gains):+.1f} to {100 * max(gains):+.1f}; "
+                f"{sum(g > 0 for g in gains)} improved)")
+        if ctrl:
+            diff = [by[(m, gate)] - by[(m, matched_name(gate))] for m in mergers
+                    if (m, gate) in by and (m, matched_name(gate)) in by]
+            text += (f"; a uniform scale with the same mean gives {100 * np.mean(ctrl):+.2f}, so "
+                     f"the gate's depth profile adds {100 * np.mean(diff):+.2f} on average "
+                     f"({sum(d > 0 for d in diff)} of {len(diff)} mergers better than their "
+                     "control)")
+        out.append(text + ".")
+    if lam_rows:
+        curves = lambda_curves(lam_rows, tasks)
+        parts = []
+        for gate, c in curves.items():
+            lam, acc = _best(c)
+            name = "Task Arithmetic" if gate == "none" else f"with LARV {gate}"
+            spread = 100 * (max(c.values()) - min(c.values()))
+            parts.append(f"{name} peaks at lambda {lam} ({pct(acc)} %; {spread:.1f} points "
+                         "between its best and worst lambda)")
+        out.append("On the lambda sweep, " + "; ".join(parts) + ".")
+    out.append("This is one seed: differences of a point or two can be seed noise; "
+               "`larv demo --seeds 0,1,2` measures the spread.")
+    return " ".join(out)
+
+
+def study_summary(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int],
+                  results: Mapping[int, Mapping[str, Any]]) -> str:
+    """Plain sentences on the seed study: which gains exceed their seed-to-seed spread."""
+    from larv_jax.zoo import seeds as seed_study
+
+    zs = seed_study.stats([results[s]["pretrained"][-1] for s in seeds])
+    ft = seed_study.stats([results[s]["individual"][-1] for s in seeds])
+    out = [f"Over {len(seeds)} seeds ({', '.join(map(str, seeds))}): zero-shot "
+           f"{seed_study._pm(zs, signed=False)} %, fine-tuned {seed_study._pm(ft, signed=False)} %."]
+    summary = seed_study.veneer_summary(entries)
+    for gate in (*LARV_GATES, *[v for v in summary if v not in LARV_GATES]):
+        v = summary.get(gate)
+        if v is None:
+            continue
+        text = (f"{gate}: mean gain {100 * v['mean_gain']:+.2f} points over {v['mergers']} "
+                f"mergers; above its spread upward on {v['up']}, downward on {v['down']}")
+        if v["mean_vs_matched"] is not None:
+            text += (f"; against its matched uniform control {100 * v['mean_vs_matched']:+.2f} "
+                     f"(above the spread upward on {v['vs_matched_up']}, downward on "
+                     f"{v['vs_matched_down']})")
+        out.append(text + ".")
+    real = [e for e in entries if e["gain_exceeds_spread"] and e["veneer"] in LARV_GATES]
+    if real:
+        out.append("LARV gains that exceed their spread: " + ", ".join(
+            f"{DISPLAY.get(e['merger'], e['merger'])} + {e['veneer']} "
+            f"({100 * e['gain']['mean']:+.1f} ± {100 * e['gain']['sd']:.1f})" for e in real) + ".")
+    else:
+        out.append("No LARV gate's gain exceeds its seed-to-seed spread.")
+    return " ".join(out)

@@ -2,10 +2,12 @@
 
 ``ZOO_TASKS`` is one literal dict ``name -> ZooTask``. Each task has its own generator in
 :mod:`larv_jax.zoo.images` (digits: scikit-learn's bundled 8x8 glyphs, upscaled; the rest
-procedural) and its own prompt templates. The tasks are chosen to pull a shared vision tower in
-different directions: ``colours`` must ignore shape, ``shapes`` must ignore colour, ``positions``
-and ``sizes`` ignore both, ``orientations`` cares about the angle of stripes that ``textures``
-must treat as one class, and ``counts`` and ``digits`` share number words on the text side.
+procedural), its own prompt templates and, since zoo format 3, its own input domain
+(``ZooTask.domain``: the background every image of the task is drawn on: paper, fabric, night
+sky, grass, sand, sky; digits are white on black and textures fill the frame). Real task suites
+mix domains (cars, satellite images, digits, textures); tasks that all drew the same kind of image
+and asked opposite things of it (colour but not shape, shape but not colour) made every merge fall
+below zero-shot (README, "The zoo's merge regime").
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ZooTask:
     templates: tuple[str, ...]
     generator: str
     description: str
+    domain: str | None = None  # background look under ZooSpec.domains == "distinct"
 
     @property
     def num_classes(self) -> int:
@@ -44,19 +47,19 @@ ZOO_TASKS: dict[str, ZooTask] = {
     "shapes": ZooTask(
         "shapes", im.SHAPES,
         ("a photo of a {}.", "a drawing of a {}.", "a {} shape."),
-        "gen_shapes", "one shape of any colour, size and place, noisy background, distractor dots"),
+        "gen_shapes", "one shape of any colour, size and place, noisy background, distractor dots", "paper"),
     "colours": ZooTask(
         "colours", tuple(im.COLOURS),
         ("a photo of something {}.", "a {} object.", "the colour {}."),
-        "gen_colours", "one or two shapes of one colour, random brightness and saturation"),
+        "gen_colours", "one or two shapes of one colour, random brightness and saturation", "fabric"),
     "counts": ZooTask(
         "counts", im.COUNTS,
         ("a photo of {} objects.", "{} shapes.", "there are {} things."),
-        "gen_counts", "one to six small mixed shapes"),
+        "gen_counts", "one to six small mixed shapes", "night"),
     "positions": ZooTask(
         "positions", im.POSITIONS,
         ("an object in the {}.", "a shape at the {}.", "something in the {} of the image."),
-        "gen_positions", "one small shape in one of nine places"),
+        "gen_positions", "one small shape in one of nine places", "grass"),
     "textures": ZooTask(
         "textures", im.TEXTURES,
         ("a {} texture.", "a {} pattern.", "a photo of a {} surface."),
@@ -64,15 +67,15 @@ ZOO_TASKS: dict[str, ZooTask] = {
     "orientations": ZooTask(
         "orientations", im.ORIENTATIONS,
         ("{} stripes.", "a {} line.", "a photo of {} lines."),
-        "gen_orientations", "one to three short parallel bars at 0/45/90/135 degrees +- 15"),
+        "gen_orientations", "one to three short parallel bars at 0/45/90/135 degrees +- 15", "sand"),
     "sizes": ZooTask(
         "sizes", im.SIZES,
         ("a {} object.", "a photo of a {} shape.", "something {}."),
-        "gen_sizes", "one shape, tiny / small / large / huge"),
+        "gen_sizes", "one shape, tiny / small / large / huge", "sky"),
 }
 
 # The quick zoo (tests, smoke runs) uses the first few of these.
-QUICK_TASKS = ("colours", "textures", "orientations")
+QUICK_TASKS = ("colours", "textures", "digits")
 
 
 def get_zoo_task(name: str) -> ZooTask:

@@ -42,11 +42,23 @@ def _decay_mask(params: Any) -> Any:
         lambda path, x: x.ndim >= 2 and "embedding" not in jax.tree_util.keystr(path), params)
 
 
-def _optimizer(lr: float, steps: int, warmup: int, weight_decay: float):
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _optimizer(lr: float, steps: int, warmup: int, weight_decay: float, name: str = "adamw"):
+    """Warmup + cosine schedule, global-norm clipping at 1, then AdamW (b2 0.98) or SGD with
+    Nesterov momentum 0.9 and decoupled weight decay (same mask)."""
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1),
                                                end_value=0.0)
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(sched, b2=0.98, weight_decay=weight_decay, mask=_decay_mask))
+    if name == "adamw":
+        return optax.chain(optax.clip_by_global_norm(1.0),
+                           optax.adamw(sched, b2=0.98, weight_decay=weight_decay,
+                                       mask=_decay_mask))
+    if name == "sgd":
+        return optax.chain(optax.clip_by_global_norm(1.0),
+                           optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+                           optax.sgd(sched, momentum=0.9, nesterov=True))
+    raise ValueError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
 
 
 def multi_positive_clip_loss(logits: jax.Array, caption_ids: jax.Array) -> jax.Array:
@@ -149,9 +161,10 @@ def _logits_fn(config: CLIPConfig):
 
 
 @functools.cache
-def _finetune_step(config: CLIPConfig, lr: float, steps: int, warmup: int, weight_decay: float):
+def _finetune_step(config: CLIPConfig, lr: float, steps: int, warmup: int, weight_decay: float,
+                   optimizer: str = "adamw"):
     logits_fn = _logits_fn(config)
-    opt = _optimizer(lr, steps, warmup, weight_decay)
+    opt = _optimizer(lr, steps, warmup, weight_decay, optimizer)
 
     def loss_fn(vparams, proj, head, valid, images, labels):
         logits = logits_fn(vparams, proj, head, valid, images)
@@ -170,7 +183,8 @@ def _finetune_step(config: CLIPConfig, lr: float, steps: int, warmup: int, weigh
 def finetune(vision_params: Mapping[str, Any], *, config: CLIPConfig, proj: np.ndarray,
              head: np.ndarray, images: np.ndarray, labels: np.ndarray, steps: int,
              batch_size: int, lr: float, warmup: int, weight_decay: float, seed: int,
-             progress: bool = False, desc: str = "finetune") -> tuple[dict[str, Any], list[float]]:
+             optimizer: str = "adamw", progress: bool = False, desc: str = "finetune"
+             ) -> tuple[dict[str, Any], list[float]]:
     """Fine-tune the vision tower only, against a frozen zero-shot head (the CLIP protocol).
 
     vision_params: ``{"visual": ...}`` without ``proj``; proj ``[D, E]`` (pretrained, frozen);
@@ -182,7 +196,8 @@ def finetune(vision_params: Mapping[str, Any], *, config: CLIPConfig, proj: np.n
         raise ValueError(f"{desc}: head has {num_classes} classes, labels go up to "
                          f"{int(np.max(labels))}")
     head_p, valid = pad_head(head)
-    opt, step = _finetune_step(config, float(lr), int(steps), int(warmup), float(weight_decay))
+    opt, step = _finetune_step(config, float(lr), int(steps), int(warmup), float(weight_decay),
+                               str(optimizer))
     vparams = jax.tree.map(jnp.asarray, dict(vision_params))
     opt_state = opt.init(vparams)
     proj_j, head_j, valid_j = jnp.asarray(proj, jnp.float32), jnp.asarray(head_p), jnp.asarray(valid)
