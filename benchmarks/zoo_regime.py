@@ -10,6 +10,10 @@ written) with spec overrides and appends one JSON line per run to
     python benchmarks/zoo_regime.py --seed 0 --set finetune_lr=1e-4 --set finetune_steps=400
 
 It never looks at LARV: the regime criteria (issue 14) are the only targets of a recipe.
+
+``--zoo DIR`` instead reads a built zoo (``larv zoo build``, ``larv demo``) and prints its task
+vectors' geometry as markdown: relative norms per task and cross-task cosines per block (the
+README's table).
 """
 
 from __future__ import annotations
@@ -161,6 +165,33 @@ def cached_pretraining(cache_dir: Path):
     train.pretrain = pretrain
 
 
+def geometry_of_zoo(root: Path) -> dict:
+    """:func:`geometry` of a built zoo's checkpoints (vision tower, without the projection)."""
+    from larv_jax.checkpoint import load_params
+    from larv_jax.zoo import open_zoo, train
+
+    zoo = open_zoo(root)
+    _, params = load_params(zoo.pretrained)
+    finetuned = {t: load_params(p)[1] for t, p in zoo.finetuned.items()}
+    return geometry(train.vision_tree(params), {t: train.vision_tree(f) for t, f in finetuned.items()})
+
+
+def geometry_markdown(geos: dict[str, dict]) -> str:
+    """One row per zoo: mean relative norm (min-max over tasks), whole-tower mean |cos| and max
+    |cos|, then the mean |cos| of each block."""
+    depth = max(len(g["cosine_by_block"]) for g in geos.values())
+    lines = ["| zoo | relative norm of tau_k, mean (min-max) | mean abs cos (max) | "
+             + " | ".join(f"block {b + 1}" for b in range(depth)) + " |",
+             "|---|---:|---:|" + "---:|" * depth]
+    for name, g in geos.items():
+        rel = list(g["rel_norm"].values())
+        lines.append(f"| {name} | {100 * g['rel_norm_mean']:.2f} % ({100 * min(rel):.2f}-"
+                     f"{100 * max(rel):.2f}) | {g['cosine_all']['mean_abs']:.3f} "
+                     f"({g['cosine_all']['max_abs']:.3f}) | "
+                     + " | ".join(f"{c['mean_abs']:.3f}" for c in g["cosine_by_block"]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,9 +205,14 @@ def main(argv=None) -> int:
     p.add_argument("--progress", action="store_true")
     p.add_argument("--pretrain-cache", type=Path, default=None,
                    help="directory caching pretrained models across runs (default: none)")
+    p.add_argument("--zoo", type=Path, nargs="+", default=None,
+                   help="built zoo directories: print their task-vector geometry and exit")
     p.add_argument("--save", type=Path, default=None,
                    help="pickle the trained zoo state here (for offline analysis)")
     args = p.parse_args(argv)
+    if args.zoo:
+        print(geometry_markdown({str(z): geometry_of_zoo(z) for z in args.zoo}))
+        return 0
     if args.pretrain_cache is not None:
         cached_pretraining(args.pretrain_cache)
 

@@ -201,3 +201,69 @@ def test_multi_positive_clip_loss_by_hand():
     ref = 0.5 * (-np.mean((t * ls(lg)).sum(1)) - np.mean((t * ls(lg.T)).sum(1)))
     np.testing.assert_allclose(float(dup), ref, rtol=1e-6)
     assert jax.numpy.isfinite(dup)
+
+
+def test_quick_zoo_merge_regime(zoo):
+    """The regime properties (issue 14) that can hold at the quick size. The quick zoo has 2
+    blocks of width 32 pretrained for 40 steps: its zero-shot model is near chance, so "Task
+    Arithmetic >= zero-shot + 10 points" cannot hold here (the full zoo is measured by
+    benchmarks/zoo_regime.py and the demo). What holds, and is checked against the quick zoo's own
+    numbers: fine-tuning gains >= 20 points on average (measured 28.6); Task Arithmetic at lambda
+    0.3, merged by hand here, at least 2 points above zero-shot on average (measured +4.7) and at
+    or above it on at least 2 of the 3 tasks (measured 3); task vectors nearly orthogonal across
+    tasks (|cos| < 0.2; measured <= 0.12), as real CLIP task vectors are."""
+    from larv_jax.eval.heads import zero_shot_head
+    from larv_jax.models.tokenizer import CLIPTokenizer
+
+    state, _ = zoo
+    names = list(state.spec.tasks)
+    zs = np.mean([state.results[n]["zero_shot_top1"] for n in names])
+    ft = np.mean([state.results[n]["finetuned_top1"] for n in names])
+    assert ft - zs >= 0.20, (ft, zs)
+
+    base = flatten(ztrain.vision_tree(state.params))
+    taus = {n: {k: np.asarray(v, np.float64) - np.asarray(base[k], np.float64)
+                for k, v in flatten(state.finetuned[n]).items()} for n in names}
+    keys = sorted(base)
+    vec = {n: np.concatenate([taus[n][k].ravel() for k in keys]) for n in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            cos = vec[a] @ vec[b] / (np.linalg.norm(vec[a]) * np.linalg.norm(vec[b]))
+            assert abs(cos) < 0.2, (a, b, cos)
+
+    from larv_jax.tree import unflatten
+
+    merged = unflatten({k: (np.asarray(base[k], np.float64) + 0.3 * sum(taus[n][k] for n in names)
+                            ).astype(np.float32) for k in keys})
+    tok = CLIPTokenizer(state.tokenizer, state.spec.context_length)
+    proj = state.params["visual"]["proj"]["kernel"]
+    ta = {}
+    for n in names:
+        task = ZOO_TASKS[n]
+        head = zero_shot_head(state.params, state.config, tok, task.classnames, task.templates)
+        x, y = state.data[n]["test"]
+        ta[n] = ztrain.accuracy(merged, config=state.config, proj=proj, head=head, images=x,
+                                labels=y)
+    assert np.mean(list(ta.values())) >= zs + 0.02, (ta, zs)
+    assert sum(ta[n] >= state.results[n]["zero_shot_top1"] for n in names) >= 2, ta
+
+
+def test_finetune_optimizers_and_spec_checks(zoo):
+    """SGD (Nesterov) fine-tuning, tried for the regime, runs and moves the weights; an unknown
+    optimizer or domains value is a ValueError naming the valid ones."""
+    state, _ = zoo
+    name = state.spec.tasks[0]
+    x, y = state.data[name]["train"]
+    head = np.eye(ZOO_TASKS[name].num_classes, state.config.embed_dim, dtype=np.float32)
+    base = ztrain.vision_tree(state.params)
+    kw = dict(config=state.config, proj=state.params["visual"]["proj"]["kernel"], head=head,
+              images=x[:64], labels=y[:64], steps=3, batch_size=16, lr=0.05, warmup=1,
+              weight_decay=0.0, seed=0)
+    tuned, losses = ztrain.finetune(base, optimizer="sgd", **kw)
+    assert np.all(np.isfinite(losses))
+    moved = flatten(tuned)
+    assert any(not np.array_equal(moved[k], v) for k, v in flatten(base).items())
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'.*sgd"):
+        ztrain.finetune(base, optimizer="adam", **kw)
+    with pytest.raises(ValueError, match="domains must be 'shared' or 'distinct'"):
+        zoo_spec(quick=True, domains="mixed")

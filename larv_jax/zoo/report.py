@@ -253,6 +253,16 @@ def study_summary(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int],
                      f"(above the spread upward on {v['vs_matched_up']}, downward on "
                      f"{v['vs_matched_down']})")
         out.append(text + ".")
+    depth_only = {v: summary[v]["mean_gain"] for v in summary if v not in LARV_GATES}
+    gates = {g: summary[g]["mean_gain"] for g in LARV_GATES if g in summary}
+    if depth_only and gates:
+        best = max(depth_only, key=depth_only.get)
+        beaten = [g for g, v in gates.items() if v > depth_only[best]]
+        out.append(f"The depth-only schedules, which look at no weights, gain "
+                   f"{100 * min(depth_only.values()):+.2f} to {100 * max(depth_only.values()):+.2f} "
+                   f"on average (best: {best}); "
+                   + (f"{' and '.join(beaten)} beat{'s' if len(beaten) == 1 else ''} the best of them."
+                      if beaten else "no LARV gate beats the best of them."))
     real = [e for e in entries if e["gain_exceeds_spread"] and e["veneer"] in LARV_GATES]
     if real:
         out.append("LARV gains that exceed their spread: " + ", ".join(
