@@ -71,68 +71,61 @@ def geometry(base: dict, finetuned: dict[str, dict]) -> dict:
             "cosine_all": cosines(lambda t, k: t.ravel()), "cosine_by_block": by_block}
 
 
-def task_arithmetic_accuracy(state, lams) -> dict:
-    """Per-task top-1 of theta0 + lam * sum_k tau_k for each ``lam`` (in memory)."""
+class _Scorer:
+    """Top-1 of any vision tower on the in-memory zoo's test splits, heads built once."""
+
+    def __init__(self, state):
+        from larv_jax.eval.heads import zero_shot_head
+        from larv_jax.models.tokenizer import CLIPTokenizer
+        from larv_jax.zoo import train
+        from larv_jax.zoo.tasks import ZOO_TASKS
+
+        self.state, self.train = state, train
+        self.base = train.vision_tree(state.params)
+        self.proj = state.params["visual"]["proj"]["kernel"]
+        tokenizer = CLIPTokenizer(state.tokenizer, state.spec.context_length)
+        self.heads = {n: zero_shot_head(state.params, state.config, tokenizer,
+                                        ZOO_TASKS[n].classnames, ZOO_TASKS[n].templates)
+                      for n in state.spec.tasks}
+
+    def top1(self, params, name: str) -> float:
+        x, y = self.state.data[name]["test"]
+        return self.train.accuracy(params, config=self.state.config, proj=self.proj,
+                                   head=self.heads[name], images=x, labels=y)
+
+
+def _plus(base, lam: float, *taus):
+    """theta0 + lam * sum(taus) in float64, rounded once to float32."""
     import jax
 
-    from larv_jax.eval.heads import zero_shot_head
-    from larv_jax.models.tokenizer import CLIPTokenizer
-    from larv_jax.zoo import train
-    from larv_jax.zoo.tasks import ZOO_TASKS
-
-    base = train.vision_tree(state.params)
-    proj = state.params["visual"]["proj"]["kernel"]
-    tokenizer = CLIPTokenizer(state.tokenizer, state.spec.context_length)
-    tau_sum = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs[1:])
-                           - (len(xs) - 1) * np.asarray(xs[0], np.float64),
-                           base, *state.finetuned.values())
-    out = {}
-    for lam in lams:
-        merged = jax.tree.map(lambda b, t, lam=lam: (np.asarray(b, np.float64) + lam * t).astype(np.float32),
-                              base, tau_sum)
-        accs = {}
-        for name in state.spec.tasks:
-            task = ZOO_TASKS[name]
-            head = zero_shot_head(state.params, state.config, tokenizer, task.classnames,
-                                  task.templates)
-            xte, yte = state.data[name]["test"]
-            accs[name] = train.accuracy(merged, config=state.config, proj=proj, head=head,
-                                        images=xte, labels=yte)
-        out[f"{lam:g}"] = accs
-    return out
+    return jax.tree.map(lambda b, *ts: (np.asarray(b, np.float64) + lam * sum(ts)
+                                        ).astype(np.float32), base, *taus)
 
 
-def interference(state, lam: float = 0.3) -> dict:
+def task_vectors_of(scorer: _Scorer) -> dict:
+    import jax
+
+    return {n: jax.tree.map(lambda f, b: np.asarray(f, np.float64) - np.asarray(b, np.float64),
+                            ft, scorer.base) for n, ft in scorer.state.finetuned.items()}
+
+
+def task_arithmetic_accuracy(scorer: _Scorer, lams) -> dict:
+    """Per-task top-1 of theta0 + lam * sum_k tau_k for each ``lam`` (in memory)."""
+    taus = list(task_vectors_of(scorer).values())
+    return {f"{lam:g}": {n: scorer.top1(_plus(scorer.base, lam, *taus), n)
+                         for n in scorer.state.spec.tasks} for lam in lams}
+
+
+def interference(scorer: _Scorer, lam: float = 0.3) -> dict:
     """Per task k at ``lam``: top-1 of theta0 + lam tau_k (its own vector alone) and of
     theta0 + lam sum_{j != k} tau_j (the others' vectors alone): which side of TA's loss is it?"""
-    import jax
-
-    from larv_jax.eval.heads import zero_shot_head
-    from larv_jax.models.tokenizer import CLIPTokenizer
-    from larv_jax.zoo import train
-    from larv_jax.zoo.tasks import ZOO_TASKS
-
-    base = train.vision_tree(state.params)
-    proj = state.params["visual"]["proj"]["kernel"]
-    tokenizer = CLIPTokenizer(state.tokenizer, state.spec.context_length)
-    f64 = lambda x: np.asarray(x, np.float64)
-    taus = {n: jax.tree.map(lambda f, b: f64(f) - f64(b), ft, base)
-            for n, ft in state.finetuned.items()}
+    taus = task_vectors_of(scorer)
     out = {}
-    for name in state.spec.tasks:
-        task = ZOO_TASKS[name]
-        head = zero_shot_head(state.params, state.config, tokenizer, task.classnames,
-                              task.templates)
-        xte, yte = state.data[name]["test"]
+    for name in scorer.state.spec.tasks:
         others = [t for n, t in taus.items() if n != name]
-        own = jax.tree.map(lambda b, t: (f64(b) + lam * t).astype(np.float32), base, taus[name])
-        rest = jax.tree.map(lambda b, *ts: (f64(b) + lam * sum(ts)).astype(np.float32), base,
-                            *others) if others else base
-        out[name] = {
-            "own": train.accuracy(own, config=state.config, proj=proj, head=head, images=xte,
-                                  labels=yte),
-            "others": train.accuracy(rest, config=state.config, proj=proj, head=head,
-                                     images=xte, labels=yte)}
+        rest = _plus(scorer.base, lam, *others) if others else scorer.base
+        out[name] = {"own": scorer.top1(_plus(scorer.base, lam, taus[name]), name),
+                     "others": scorer.top1(rest, name)}
     return out
 
 
@@ -231,11 +224,12 @@ def main(argv=None) -> int:
 
         args.save.write_bytes(pickle.dumps(state._replace(tokenizer=state.tokenizer.to_str())))
     lams = [float(s) for s in args.lams.split(",")]
-    ta = task_arithmetic_accuracy(state, lams)
+    scorer = _Scorer(state)
+    ta = task_arithmetic_accuracy(scorer, lams)
     from larv_jax.zoo import train
 
     geo = geometry(train.vision_tree(state.params), state.finetuned)
-    inter = interference(state)
+    inter = interference(scorer)
     zs = {n: r["zero_shot_top1"] for n, r in state.results.items()}
     ft = {n: r["finetuned_top1"] for n, r in state.results.items()}
     zs_avg, ft_avg = float(np.mean(list(zs.values()))), float(np.mean(list(ft.values())))

@@ -142,6 +142,13 @@ def plot(diag: Diagnostics, path: str | Path, *, s: Sequence[float] | None = Non
     axes[-1].set_xticks(depth[::step])
     if title:
         fig.suptitle(title, fontsize=10)
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Lay out a matplotlib figure, write it as PNG atomically (110 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -158,7 +158,7 @@ def plot_lambda(lam_rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], pat
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from larv_jax.io import atomic_path
+    from larv_jax.diagnostics.record import save_png
 
     curves = lambda_curves(lam_rows, tasks)
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
@@ -172,10 +172,7 @@ def plot_lambda(lam_rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], pat
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    return save_png(fig, path)
 
 
 def _best(curve: Mapping[str, float]) -> tuple[str, float]:
