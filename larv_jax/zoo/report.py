@@ -214,6 +214,19 @@ def plain_summary(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], *,
                      f"({sum(d > 0 for d in diff)} of {len(diff)} mergers better than their "
                      "control)")
         out.append(text + ".")
+    controls = {matched_name(g) for g in LARV_GATES}
+    depth_only = {}
+    for v in dict.fromkeys(g for _, g in by):
+        if v in ("none", *LARV_GATES) or v in controls:
+            continue
+        gains = [by[(m, v)] - plain[m] for m in mergers if (m, v) in by]
+        if gains:
+            depth_only[v] = float(np.mean(gains))
+    if depth_only:
+        best_s = max(depth_only, key=depth_only.get)
+        out.append(f"The depth-only schedules, which look at no weights, change the average by "
+                   f"{100 * min(depth_only.values()):+.2f} to {100 * max(depth_only.values()):+.2f}"
+                   f" points (best: {best_s}).")
     if lam_rows:
         curves = lambda_curves(lam_rows, tasks)
         parts = []
