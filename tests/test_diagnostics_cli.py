@@ -108,3 +108,31 @@ def test_vision_only_finetunes_of_a_full_clip_base(tmp_path):
     js = json.loads((out / "diagnostics.json").read_text())
     assert js["num_units"] == 7  # patch + 3 per block; no unit for the untouched projection
     assert all(np.isfinite(u["e"]) and np.isfinite(u["c"]) for u in js["units"])
+
+
+def test_diagnose_and_merge_never_replace_an_input_or_an_existing_out(ckpts, tmp_path, capsys):
+    """`larv diagnose --out` refuses an existing directory without --overwrite (it replaced it
+    silently before), and diagnose and merge refuse an --out that is, holds or sits inside an
+    input even with --overwrite: the input's weights stay on disk, untouched."""
+    root, base_dir, models, _ = ckpts
+    args = ["--base", str(base_dir), "--models", *map(str, models)]
+    out = tmp_path / "diag"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["diagnose", *args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "exists (pass --overwrite to replace it)" in err and len(err.strip().splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["diagnose", *args, "--out", str(out), "--overwrite"]) == 0
+    assert (out / "diagnostics.json").exists() and not (out / "keep.txt").exists()
+
+    weights = models[0] / "model.safetensors"
+    before = weights.read_bytes()
+    for cmd in ("diagnose", "merge"):
+        extra = ["--method", "task_arithmetic"] if cmd == "merge" else []
+        for target in (models[0], root, models[0] / "sub"):
+            assert main([cmd, *args, *extra, "--out", str(target), "--overwrite"]) == 1
+            err = capsys.readouterr().err
+            assert "would replace or sit inside the input" in err, (cmd, target, err)
+    assert weights.read_bytes() == before
+    assert not (models[0] / "sub").exists()

@@ -30,7 +30,11 @@ def add_parser(sub) -> None:
                    "exact; r_eff of theta0 is always exact")
     p.add_argument("--k", type=int, default=64, help="randomized SVD rank (default 64)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the sketch (default 0)")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output directory (refused when it exists, unless --overwrite, and "
+                        "always when it is or holds an input)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (default: refuse)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax import diagnostics as dg
     from larv_jax.caches import base_cache_dir
     from larv_jax.checkpoint import load_checkpoint
+    from larv_jax.cli.flags import check_out
     from larv_jax.io import atomic_path
     from larv_jax.larv import plan as L
     from larv_jax.merging import merge_delta
 
     if not args.models:
         raise ValueError("--models: give at least one fine-tuned checkpoint")
+    check_out(args.out, [args.base, *args.models], overwrite=args.overwrite)
     t0 = time.perf_counter()
     base = load_checkpoint(args.base)
     models = [load_checkpoint(m) for m in args.models]

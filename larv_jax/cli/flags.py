@@ -87,3 +87,22 @@ def larv_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 base_mode=args.larv_base_mode, seed=args.larv_seed,
                 diag_options={"k": args.larv_k, "p": args.larv_p, "q": args.larv_q},
                 svc_order=args.larv_svc_order)
+
+
+def check_out(out, inputs: Sequence[Any], *, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an output path that would replace something it should not.
+
+    FileExistsError when ``out`` exists and ``overwrite`` is off; ValueError, whatever
+    ``overwrite`` says, when ``out`` is one of the ``inputs``, lies inside one, or holds one
+    (replacing it would delete an input before it is read, or while it is).
+    """
+    from pathlib import Path
+
+    target = Path(out).resolve()
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if target == src or target in src.parents or src in target.parents:
+            raise ValueError(f"{flag} {out} would replace or sit inside the input {inp}; "
+                             f"pick another {flag}")
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")

@@ -88,12 +88,11 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from larv_jax.checkpoint import load_checkpoint, save_hf
-    from larv_jax.cli.flags import larv_kwargs, parse_key_values
+    from larv_jax.cli.flags import check_out, larv_kwargs, parse_key_values
     from larv_jax.larv import schedules
     from larv_jax.merging import TaskVectors, apply_delta, bind, bind_svc, merge_delta
 
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists (pass --overwrite to replace it)")
+    check_out(args.out, [args.base, *args.models], overwrite=args.overwrite)
     hparams = parse_key_values(args.set)
     if args.scale is not None:
         hparams["scale"] = args.scale
