@@ -99,3 +99,26 @@ def test_cli_choices_come_from_the_registry(capsys):
     assert "invalid choice: 'fisher'" in err
     for name in registry.METHODS:
         assert f"'{name}'" in err
+
+
+def test_a_preset_s_defining_options_cannot_be_set(tmp_path, capsys):
+    """`--method simple_average --scale 0.5` wrote theta0 + 0.5 sum tau under the name
+    simple_average; the options a preset fixes are now an error naming them, in the registry
+    and at the CLI (one line, exit 1, nothing written)."""
+    import pytest
+
+    from larv_jax.cli import main
+    from larv_jax.merging import registry
+
+    with pytest.raises(ValueError, match=r"simple_average: \['scale'\] cannot be set"):
+        registry.hparams("simple_average", {"scale": 0.5})
+    with pytest.raises(ValueError, match=r"dare_average: \['then'\] cannot be set"):
+        registry.hparams("dare_average", {"then": "ties"})
+    assert registry.hparams("simple_average") == registry.hparams("simple_average", {})
+    out = tmp_path / "m"
+    for flags in (["--scale", "0.5"], ["--set", "scale=0.5"]):
+        rc = main(["merge", "--base", str(tmp_path / "b"), "--models", str(tmp_path / "f"),
+                   "--method", "simple_average", *flags, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 1 and "cannot be set" in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.checkpoint import load_checkpoint, save_hf
     from larv_jax.cli.flags import check_out, larv_kwargs, parse_key_values
     from larv_jax.larv import schedules
-    from larv_jax.merging import TaskVectors, apply_delta, bind, bind_svc, merge_delta
+    from larv_jax.merging import TaskVectors, apply_delta, bind, bind_svc, merge_delta, registry
 
     check_out(args.out, [args.base, *args.models], overwrite=args.overwrite)
     hparams = parse_key_values(args.set)
@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         hparams["scale"] = args.scale
     if args.seed is not None:
         hparams["key"] = args.seed
+    registry.hparams(args.method, hparams)  # a bad option is an error before any input is read
     lk = larv_kwargs(args)
     larv_on = not schedules.is_identity(lk["gate"], **lk["gate_options"])
     if larv_on:  # jax and the diagnostics only then: a plain merge never imports them

@@ -46,6 +46,12 @@ _DARE_NEXT = {"task_arithmetic": M.task_arithmetic, "ties": M.ties,
               "simple_average": M.simple_average}
 
 
+# Options a preset fixes because they define it: simple averaging has no coefficient (scale None
+# is 1/K), DARE-Average is DARE then simple averaging. Giving one is an error, not a silent
+# change of method (`--method simple_average --scale 0.5` used to write Task Arithmetic).
+FIXED = {"simple_average": ("scale",), "dare_average": ("scale", "then")}
+
+
 def get_method(name: str) -> Callable[..., Any]:
     """``METHODS[name]``, or a ValueError listing the valid names."""
     try:
@@ -79,6 +85,10 @@ def hparams(method: str, given: Mapping[str, Any] | None = None, *,
     if then in _DARE_NEXT and "then" in defaults:  # DARE: the next merger's options are its own
         for name, default in _keyword_defaults(_DARE_NEXT[then]).items():
             defaults.setdefault(name, default)
+    fixed = sorted(set(given) & set(FIXED.get(method, ())))
+    if fixed:
+        raise ValueError(f"{method}: {fixed} cannot be set (fixed by the method itself); valid: "
+                         f"{sorted(set(defaults) - set(FIXED[method]))}")
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"{method}: unknown hyperparameter(s) {unknown}; valid: "
