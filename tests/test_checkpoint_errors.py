@@ -113,3 +113,25 @@ def test_bf16_and_fp16_are_upcast(good, tmp_path):
     assert leaf.dtype == np.float32
     np.testing.assert_array_equal(leaf, sd["pre_layrnorm.weight"].astype(ml_dtypes.bfloat16)
                                   .astype(np.float32))
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda cfg: [cfg], ["config.json", "must be a JSON object; got list"]),
+    (lambda cfg: {**cfg, "hidden_size": "sixty-four"},
+     ["config.json", "config.hidden_size must be a positive integer; got 'sixty-four'"]),
+    (lambda cfg: {**cfg, "num_attention_heads": 5},
+     ["config.json", "hidden_size", "not divisible by config.num_attention_heads 5"]),
+    (lambda cfg: {**cfg, "num_hidden_layers": True},
+     ["config.json", "config.num_hidden_layers must be a positive integer; got True"]),
+    (lambda cfg: {**cfg, "patch_size": 3},
+     ["config.json", "not divisible by config.patch_size 3"]),
+])
+def test_bad_config_json_is_one_line_naming_file_and_field(good, tmp_path, capsys, edit, needles):
+    """A config.json that is a list, has a field of the wrong type, or heads that do not divide
+    the width (which transformers refuses to load) is refused before anything is written."""
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(edit(cfg)))
+    err = _convert_fails(bad, tmp_path, capsys, *needles)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

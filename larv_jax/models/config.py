@@ -132,47 +132,93 @@ def get_preset(name: str) -> CLIPConfig:
         raise ValueError(f"unknown CLIP preset {name!r}; valid: {sorted(PRESETS)}") from None
 
 
-def _vision_from_hf(d: dict[str, Any], source: str) -> VisionConfig:
-    try:
-        return VisionConfig(
-            width=int(d["hidden_size"]), layers=int(d["num_hidden_layers"]),
-            heads=int(d["num_attention_heads"]), mlp_dim=int(d["intermediate_size"]),
-            act=str(d.get("hidden_act", "quick_gelu")), eps=float(d.get("layer_norm_eps", 1e-5)),
-            image_size=int(d["image_size"]), patch_size=int(d["patch_size"]),
-            channels=int(d.get("num_channels", 3)))
-    except KeyError as e:
-        raise ValueError(f"{source}: vision config lacks key {e.args[0]!r}") from None
+_MISSING = object()
+
+
+def _num(d: dict[str, Any], key: str, where: str, source: str, kind: type = int,
+         default: Any = _MISSING, positive: bool = True) -> Any:
+    """``d[key]`` as ``kind`` (int: a whole number, not a bool; float: any real number), with an
+    error naming the file and the field when it is missing, of another type or not positive."""
+    if key not in d:
+        if default is _MISSING:
+            raise ValueError(f"{source}: {where} lacks key {key!r}")
+        return default
+    v = d[key]
+    ok = (isinstance(v, int) and not isinstance(v, bool)) or (
+        kind is float and isinstance(v, float)) or (
+        kind is int and isinstance(v, float) and v.is_integer())
+    if not ok or (positive and v <= 0):
+        what = "a positive " + ("integer" if kind is int else "number") if positive else kind.__name__
+        raise ValueError(f"{source}: {where}.{key} must be {what}; got {v!r}")
+    return kind(v)
+
+
+def _section(d: Any, key: str | None, source: str) -> dict[str, Any]:
+    sub = d if key is None else d.get(key, {})
+    if sub is None:
+        sub = {}
+    if not isinstance(sub, dict):
+        raise ValueError(f"{source}: {key or 'the config'} must be a JSON object; got "
+                         f"{type(sub).__name__}")
+    return sub
+
+
+def _check_tower(t: TowerConfig, where: str, source: str) -> None:
+    if t.width % t.heads:
+        raise ValueError(f"{source}: {where}.hidden_size {t.width} is not divisible by "
+                         f"{where}.num_attention_heads {t.heads}")
+
+
+def _vision_from_hf(d: dict[str, Any], source: str, where: str = "vision_config") -> VisionConfig:
+    n = lambda key, **kw: _num(d, key, where, source, **kw)  # noqa: E731
+    v = VisionConfig(
+        width=n("hidden_size"), layers=n("num_hidden_layers"), heads=n("num_attention_heads"),
+        mlp_dim=n("intermediate_size"), act=str(d.get("hidden_act", "quick_gelu")),
+        eps=n("layer_norm_eps", kind=float, default=1e-5), image_size=n("image_size"),
+        patch_size=n("patch_size"), channels=n("num_channels", default=3))
+    _check_tower(v, where, source)
+    if v.image_size % v.patch_size:
+        raise ValueError(f"{source}: {where}.image_size {v.image_size} is not divisible by "
+                         f"{where}.patch_size {v.patch_size}")
+    return v
 
 
 def _text_from_hf(d: dict[str, Any], source: str) -> TextConfig:
-    try:
-        return TextConfig(
-            width=int(d["hidden_size"]), layers=int(d["num_hidden_layers"]),
-            heads=int(d["num_attention_heads"]), mlp_dim=int(d["intermediate_size"]),
-            act=str(d.get("hidden_act", "quick_gelu")), eps=float(d.get("layer_norm_eps", 1e-5)),
-            vocab_size=int(d["vocab_size"]),
-            context_length=int(d.get("max_position_embeddings", 77)),
-            eos_token_id=int(d.get("eos_token_id", 49407)),
-            pad_token_id=int(d.get("pad_token_id", 1)))
-    except KeyError as e:
-        raise ValueError(f"{source}: text config lacks key {e.args[0]!r}") from None
+    where = "text_config"
+    n = lambda key, **kw: _num(d, key, where, source, **kw)  # noqa: E731
+    t = TextConfig(
+        width=n("hidden_size"), layers=n("num_hidden_layers"), heads=n("num_attention_heads"),
+        mlp_dim=n("intermediate_size"), act=str(d.get("hidden_act", "quick_gelu")),
+        eps=n("layer_norm_eps", kind=float, default=1e-5), vocab_size=n("vocab_size"),
+        context_length=n("max_position_embeddings", default=77),
+        eos_token_id=n("eos_token_id", default=49407, positive=False),
+        pad_token_id=n("pad_token_id", default=1, positive=False))
+    _check_tower(t, where, source)
+    return t
 
 
-def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> CLIPConfig:
-    """Parse a Hugging Face ``CLIPConfig`` or ``CLIPVisionConfig`` dict (``config.json``)."""
+def from_hf_dict(d: Any, source: str = "config.json") -> CLIPConfig:
+    """Parse a Hugging Face ``CLIPConfig`` or ``CLIPVisionConfig`` dict (``config.json``).
+
+    Every field is checked (type, sign, divisibility of width by heads and of the image by the
+    patch): a ValueError names ``source`` and the field."""
+    d = _section(d, None, source)
     model_type = d.get("model_type")
     if model_type == "clip":
-        vision = _vision_from_hf(d.get("vision_config") or {}, source)
-        text = _text_from_hf(d.get("text_config") or {}, source)
-        return CLIPConfig(vision=vision, text=text, embed_dim=int(d.get("projection_dim", 512)),
-                          logit_scale_init=float(d.get("logit_scale_init_value", 2.6592)),
+        vision = _vision_from_hf(_section(d, "vision_config", source), source)
+        text = _text_from_hf(_section(d, "text_config", source), source)
+        return CLIPConfig(vision=vision, text=text,
+                          embed_dim=_num(d, "projection_dim", "config", source, default=512),
+                          logit_scale_init=_num(d, "logit_scale_init_value", "config", source,
+                                                kind=float, default=2.6592, positive=False),
                           name=guess_name(vision))
     if model_type == "clip_vision_model":
-        vision = _vision_from_hf(d, source)
+        vision = _vision_from_hf(d, source, where="config")
         # CLIPVisionModelWithProjection carries visual_projection; plain CLIPVisionModel does not.
         with_proj = "CLIPVisionModelWithProjection" in (d.get("architectures") or [])
-        return CLIPConfig(vision=vision, embed_dim=int(d["projection_dim"]) if with_proj else None,
-                          name=guess_name(vision))
+        return CLIPConfig(vision=vision,
+                          embed_dim=_num(d, "projection_dim", "config", source) if with_proj
+                          else None, name=guess_name(vision))
     raise ValueError(
         f"{source}: model_type {model_type!r} is not a CLIP model "
         "(expected 'clip' or 'clip_vision_model')")
