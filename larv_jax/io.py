@@ -25,13 +25,14 @@ def atomic_path(path: str | Path, *, overwrite: bool = True, is_dir: bool = Fals
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    stem = _short_name(path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent))
     target = tmp if is_dir else tmp / path.name
     try:
         yield target
         if is_dir:
             if path.exists():
-                old = path.with_name(f".{path.name}.old.{os.getpid()}")
+                old = path.with_name(f".{stem}.old.{os.getpid()}")
                 os.replace(path, old)
                 os.replace(tmp, path)
                 shutil.rmtree(old, ignore_errors=True)
@@ -44,6 +45,14 @@ def atomic_path(path: str | Path, *, overwrite: bool = True, is_dir: bool = Fals
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _short_name(name: str, limit: int = 200) -> str:
+    """``name`` cut to at most ``limit`` UTF-8 bytes, so that the temporary names built from it
+    (``.NAME.xxxxxxxx.tmp``, ``.NAME.old.PID``) stay under the 255-byte limit of a file name even
+    when ``name`` itself is legal at 250 bytes."""
+    raw = name.encode()
+    return name if len(raw) <= limit else raw[:limit].decode(errors="ignore")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -135,3 +135,18 @@ def test_bad_config_json_is_one_line_naming_file_and_field(good, tmp_path, capsy
     (bad / "config.json").write_text(json.dumps(edit(cfg)))
     err = _convert_fails(bad, tmp_path, capsys, *needles)
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_os_errors_are_one_line_and_long_names_work(good, tmp_path, capsys):
+    """An --out below a regular file is the operating system's error on that path in one line
+    (not a traceback); a legal 250-byte output name works (its temporary name used to pass the
+    255-byte limit) and leaves no temporary behind."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub" / "out"
+    assert main(["convert", str(good), "--to", "hf", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "afile" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    long = tmp_path / ("m" * 250)
+    assert main(["convert", str(good), "--to", "hf", "--out", str(long)]) == 0
+    assert (long / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

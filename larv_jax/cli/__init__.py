@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"larv {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    except OSError as e:  # the operating system's word, on the path it concerns, in one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"larv {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
