@@ -20,9 +20,9 @@ Every output file is hashed (sha256), and so are the zoo's input checkpoints (``
 JSON and JSON-lines files are hashed after dropping the volatile fields (at any depth:
 ``timings``, ``seconds``, ``merge_seconds``, ``diag_seconds``, ``base_cache_overlapped_s``,
 ``versions``), replacing the run's absolute directories (zoo, work and cache directories) by
-placeholders and sorting the keys (a report's field order is not an output); ``table.md`` and
-``results.md`` have the same directories replaced. Everything else (safetensors, CSV, PNG) is
-hashed as it is.
+the fixed tokens ``<ZOO>``, ``<WORK>``, ``<CACHE>`` and sorting the keys (a report's field order
+is not an output); ``table.md`` and ``results.md`` have the same directories replaced.
+Everything else (safetensors, CSV, PNG) is hashed as it is.
 Each run gets a fresh ``LARV_JAX_CACHE_DIR`` under the work directory, so the LARV base cache is
 computed (and then read back) the same way on every invocation. In one process; a few minutes on
 the 2-core VM.
@@ -91,8 +91,8 @@ def _normalize(obj, roots):
 
 
 def _replace(text: str, roots: dict[str, str]) -> str:
-    for placeholder, root in roots.items():  # longest first: the work dir holds the cache dir
-        text = text.replace(root, placeholder)
+    for token, root in roots.items():  # longest first: the work dir holds the cache dir
+        text = text.replace(root, token)
     return text
 
 

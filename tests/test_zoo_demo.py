@@ -4,6 +4,7 @@ plain Task Arithmetic row checked against an independent merge + evaluation."""
 import json
 
 import numpy as np
+import pytest
 
 from larv_jax.cli import main
 from larv_jax.zoo import open_zoo, report
@@ -142,3 +143,21 @@ def test_demo_seed_study_quick(tmp_path, capsys):
     assert "## over seeds 0,1" in printed and "Over 2 seeds" in printed
     assert main(["demo", "--quick", "--seeds", "0,0", "--out", str(tmp_path / "o")]) == 1
     assert "distinct" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seeds", "a"], "--seeds must be comma-separated non-negative integers; got 'a'"),
+    (["--seeds", "0,,1"], "got '0,,1'"),
+    (["--seeds", "-1"], "got '-1'"),
+    (["--seeds", ""], "got ''"),
+    (["--seeds", "1,1"], "--seeds needs distinct integers"),
+    (["--seed", "-1"], "zoo seed (--seed) must be a non-negative integer; got -1"),
+])
+def test_demo_bad_seeds_are_one_line_errors(tmp_path, capsys, flags, needle):
+    out, zoo = tmp_path / "o", tmp_path / "z"
+    assert main(["demo", "--quick", *flags, "--zoo", str(zoo), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not zoo.exists()
+    assert main(["zoo", "build", "--quick", "--seed", "-3", "--out", str(zoo)]) == 1
+    assert "got -3" in capsys.readouterr().err and not zoo.exists()

@@ -86,13 +86,17 @@ def _check_out(out: Path) -> None:
 
 
 def _seeds(args: argparse.Namespace) -> list[int]:
+    """``--seeds 0,1,2`` (every item a distinct non-negative integer) or ``--seed N``."""
+    from larv_jax.zoo.build import check_seed
+
     if args.seeds is None:
-        return [args.seed]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
+        return [check_seed(args.seed)]
+    items = [s.strip() for s in args.seeds.split(",")]
+    if not all(s.isdigit() for s in items):
+        raise ValueError(f"--seeds must be comma-separated non-negative integers; got "
+                         f"{args.seeds!r}")
+    seeds = [int(s) for s in items]
+    if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs distinct integers; got {args.seeds!r}")
     return seeds
 

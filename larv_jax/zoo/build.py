@@ -88,6 +88,13 @@ QUICK = ZooSpec(tasks=QUICK_TASKS, vision_width=32, vision_layers=2, vision_head
                 finetune_batch=32, finetune_lr=3e-3, finetune_warmup=3, digits_test_glyphs=128)
 
 
+def check_seed(seed: Any) -> int:
+    """A zoo seed is a non-negative integer (numpy's seed sequences take no other)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"zoo seed (--seed) must be a non-negative integer; got {seed!r}")
+    return int(seed)
+
+
 def zoo_spec(quick: bool = False, **overrides: Any) -> ZooSpec:
     """The full spec (8 tasks, 6 blocks) or the quick one (3 tasks, 2 blocks), with overrides."""
     spec = QUICK if quick else ZooSpec()
@@ -198,6 +205,7 @@ def train_zoo(*, seed: int = 0, spec: ZooSpec | None = None, progress: bool = Fa
     from larv_jax.zoo import train, vocab
     from larv_jax.zoo.tasks import all_prompts
 
+    seed = check_seed(seed)
     spec = spec or zoo_spec()
     say = log or (lambda _: None)
     timings: dict[str, float] = {}
@@ -327,6 +335,7 @@ def build_zoo(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
     ``log`` receives one-line stage notes; ``progress`` shows tqdm bars.
     """
     out_dir = Path(out_dir)
+    seed = check_seed(seed)
     spec = spec or zoo_spec(quick)
     say = log or (lambda _: None)
     if out_dir.exists() and not force and (out_dir / MANIFEST).exists():
