@@ -150,3 +150,16 @@ def test_os_errors_are_one_line_and_long_names_work(good, tmp_path, capsys):
     assert main(["convert", str(good), "--to", "hf", "--out", str(long)]) == 0
     assert (long / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_convert_never_replaces_its_own_input(good, tmp_path, capsys):
+    """`larv convert SRC --out SRC --overwrite` (or its parent) is refused like merge and
+    diagnose refuse it: one line, exit 1, the input's bytes unchanged."""
+    src = tmp_path / "src"
+    shutil.copytree(good, src)
+    before = (src / "model.safetensors").read_bytes()
+    for out in (src, tmp_path):
+        assert main(["convert", str(src), "--to", "hf", "--out", str(out), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert "would replace or sit inside the input" in err and len(err.strip().splitlines()) == 1
+    assert (src / "model.safetensors").read_bytes() == before

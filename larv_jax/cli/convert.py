@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from larv_jax.checkpoint.convert import convert
+    from larv_jax.cli.flags import check_out
 
+    check_out(args.out, [args.src], overwrite=args.overwrite)
     out = convert(args.src, args.out, to=args.to, vision_only=args.vision_only,
                   allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     print(f"wrote {out}")
