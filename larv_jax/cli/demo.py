@@ -149,9 +149,7 @@ def run(args: argparse.Namespace) -> int:
         r = results[seed]
         print(f"\n## seed {seed}\n\n{r['main']}\n\n{r['sched']}\n\n{r['lambda_table']}")
     if len(seeds) == 1:
-        r = results[seeds[0]]
-        text = report.plain_summary(r["rows"], r["names"], pretrained=r["pretrained"],
-                                    individual=r["individual"], lam_rows=r["lam_rows"])
+        text = results[seeds[0]]["plain_summary"]
     else:
         print(f"\n## over seeds {','.join(map(str, seeds))}\n\n{study['table']}")
         text = report.study_summary(study["entries"], seeds, results)
@@ -259,22 +257,26 @@ def _run_seed(args: argparse.Namespace, *, seed: int, zoo_dir: Path, methods, sc
                      on_diagnostics=lambda label, d: diags.__setitem__(label, d)))
     # Controls: every base merger under a uniform scale equal to the mean of each LARV gate's
     # scales (what the gate does to the update's overall size, without its depth profile).
+    # One grid per merger holds both of its controls, so its delta is merged once more, not twice.
     controls = []
     for m in mergers_:
+        gates_m = []
         for gate in report.LARV_GATES:
             cell = next((r for r in rows if r["merger"] == m["name"] and r["gate"] == gate), None)
             if cell is not None:
                 mean_s = float(np.mean(cell["s"]))
-                controls.append((m, {"gate": f"uniform({mean_s:.4f})",
-                                     "name": report.matched_name(gate)}))
+                gates_m.append({"gate": f"uniform({mean_s:.4f})",
+                                "name": report.matched_name(gate)})
+        if gates_m:
+            controls.append((m, gates_m))
     sweep = [{"name": report.lambda_label(lam), "method": "task_arithmetic",
               "options": {"scale": lam}} for lam in lambdas]
     sweep_gates = [{"gate": "none", "name": "none"}, {"gate": "tiered", "name": "tiered"}]
     if bar is not None:
-        bar.total += len(controls) + len(sweep) * len(sweep_gates)
+        bar.total += sum(len(g) for _, g in controls) + len(sweep) * len(sweep_gates)
         bar.refresh()
-    for m, g in controls:
-        rows.extend(grid([m], [g]))
+    for m, gates_m in controls:
+        rows.extend(grid([m], gates_m))
     lam_rows = list(grid(sweep, sweep_gates))
     if bar is not None:
         bar.close()
@@ -291,6 +293,8 @@ def _run_seed(args: argparse.Namespace, *, seed: int, zoo_dir: Path, methods, sc
         "methods": list(methods), "veneers": [g["name"] for g in gates],
         "main": main, "sched": sched, "summary": report.larv_summary(rows, names),
         "lambda_table": report.lambda_table(lam_rows, names),
+        "plain_summary": report.plain_summary(rows, names, pretrained=pretrained,
+                                              individual=individual, lam_rows=lam_rows),
         "seconds": {"zoo": round(t_zoo, 1), "load_and_reference_rows": round(t_ref - t_start - t_zoo, 1),
                     "grid": round(t_grid - t_ref, 1), "total": round(t_grid - t_start, 1)},
         "zoo_seconds": zoo.manifest.get("timings_s", {}),
@@ -325,8 +329,7 @@ def _write_seed(out: Path, r: dict) -> None:
         "## Task Arithmetic against its coefficient lambda (average top-1, %)", "",
         r["lambda_table"], "",
         "## Summary", "",
-        report.plain_summary(rows, names, pretrained=r["pretrained"], individual=r["individual"],
-                             lam_rows=r["lam_rows"]), "",
+        r["plain_summary"], "",
     ]
     (out / "plots").mkdir()
     for label, diag in r["diags"].items():
@@ -383,8 +386,8 @@ def _write_study(out: Path, results: dict) -> dict:
         "every seed has the same sign. Matched uniform: one uniform scale equal to the mean of "
         "the gate's scales (the gate's overall shrink or growth without its depth profile); "
         "Gate - matched: what the depth profile adds.", "",
-        f"Pretrained (zero-shot): {seed_study._pm(refs['pretrained'], signed=False)}; "
-        f"individual fine-tuned: {seed_study._pm(refs['individual'], signed=False)}.", "",
+        f"Pretrained (zero-shot): {seed_study.pm(refs['pretrained'], signed=False)}; "
+        f"individual fine-tuned: {seed_study.pm(refs['individual'], signed=False)}.", "",
         tbl, "",
         "## Task Arithmetic against lambda (plain and LARV tiered)", "",
         seed_study.table(lam_entries), "",

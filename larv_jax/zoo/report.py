@@ -180,6 +180,21 @@ def _best(curve: Mapping[str, float]) -> tuple[str, float]:
     return lam, curve[lam]
 
 
+def _depth_only_sentence(mean_gain: Mapping[str, float]) -> str:
+    """One sentence on the depth-only schedules' mean gains (every veneer of ``mean_gain`` that
+    is not a LARV gate) and whether a LARV gate's mean gain beats the best of them; '' if none."""
+    depth_only = {v: g for v, g in mean_gain.items() if v not in LARV_GATES}
+    if not depth_only:
+        return ""
+    best = max(depth_only, key=depth_only.get)
+    beaten = [g for g in LARV_GATES if g in mean_gain and mean_gain[g] > depth_only[best]]
+    verdict = (f"{' and '.join(beaten)} beat{'s' if len(beaten) == 1 else ''} the best of them"
+               if beaten else "no LARV gate beats the best of them")
+    return (f"The depth-only schedules, which look at no weights, change the average by "
+            f"{100 * min(depth_only.values()):+.2f} to {100 * max(depth_only.values()):+.2f} "
+            f"points (best: {best}); {verdict}.")
+
+
 def plain_summary(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], *,
                   pretrained: Sequence[float], individual: Sequence[float],
                   lam_rows: Sequence[Mapping[str, Any]] = ()) -> str:
@@ -215,18 +230,14 @@ def plain_summary(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], *,
                      "control)")
         out.append(text + ".")
     controls = {matched_name(g) for g in LARV_GATES}
-    depth_only = {}
+    mean_gain = {}
     for v in dict.fromkeys(g for _, g in by):
-        if v in ("none", *LARV_GATES) or v in controls:
-            continue
         gains = [by[(m, v)] - plain[m] for m in mergers if (m, v) in by]
-        if gains:
-            depth_only[v] = float(np.mean(gains))
-    if depth_only:
-        best_s = max(depth_only, key=depth_only.get)
-        out.append(f"The depth-only schedules, which look at no weights, change the average by "
-                   f"{100 * min(depth_only.values()):+.2f} to {100 * max(depth_only.values()):+.2f}"
-                   f" points (best: {best_s}).")
+        if v != "none" and v not in controls and gains:
+            mean_gain[v] = float(np.mean(gains))
+    text = _depth_only_sentence(mean_gain)
+    if text:
+        out.append(text)
     if lam_rows:
         curves = lambda_curves(lam_rows, tasks)
         parts = []
@@ -250,7 +261,7 @@ def study_summary(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int],
     zs = seed_study.stats([results[s]["pretrained"][-1] for s in seeds])
     ft = seed_study.stats([results[s]["individual"][-1] for s in seeds])
     out = [f"Over {len(seeds)} seeds ({', '.join(map(str, seeds))}): zero-shot "
-           f"{seed_study._pm(zs, signed=False)} %, fine-tuned {seed_study._pm(ft, signed=False)} %."]
+           f"{seed_study.pm(zs, signed=False)} %, fine-tuned {seed_study.pm(ft, signed=False)} %."]
     summary = seed_study.veneer_summary(entries)
     for gate in (*LARV_GATES, *[v for v in summary if v not in LARV_GATES]):
         v = summary.get(gate)
@@ -263,16 +274,9 @@ def study_summary(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int],
                      f"(above the spread upward on {v['vs_matched_up']}, downward on "
                      f"{v['vs_matched_down']})")
         out.append(text + ".")
-    depth_only = {v: summary[v]["mean_gain"] for v in summary if v not in LARV_GATES}
-    gates = {g: summary[g]["mean_gain"] for g in LARV_GATES if g in summary}
-    if depth_only and gates:
-        best = max(depth_only, key=depth_only.get)
-        beaten = [g for g, v in gates.items() if v > depth_only[best]]
-        out.append(f"The depth-only schedules, which look at no weights, gain "
-                   f"{100 * min(depth_only.values()):+.2f} to {100 * max(depth_only.values()):+.2f} "
-                   f"on average (best: {best}); "
-                   + (f"{' and '.join(beaten)} beat{'s' if len(beaten) == 1 else ''} the best of them."
-                      if beaten else "no LARV gate beats the best of them."))
+    text = _depth_only_sentence({v: summary[v]["mean_gain"] for v in summary})
+    if text:
+        out.append(text)
     real = [e for e in entries if e["gain_exceeds_spread"] and e["veneer"] in LARV_GATES]
     if real:
         out.append("LARV gains that exceed their spread: " + ", ".join(

@@ -81,7 +81,8 @@ def aggregate(runs: Mapping[int, Sequence[Mapping[str, Any]]], tasks_by_seed: Ma
     return out
 
 
-def _pm(s: Mapping[str, Any] | None, signed: bool = True) -> str:
+def pm(s: Mapping[str, Any] | None, signed: bool = True) -> str:
+    """``stats`` as points: "+1.23 ± 0.45" (the mean alone with one seed, "" for None)."""
     if s is None:
         return ""
     mean = f"{100 * s['mean']:+.2f}" if signed else f"{100 * s['mean']:.2f}"
@@ -101,9 +102,9 @@ def table(entries: Sequence[Mapping[str, Any]], *, display: Mapping[str, str] | 
         improved = f"{gain['improved']}/{gain['n']}" if gain else ""
         lines.append(
             f"| {display.get(e['merger'], e['merger'])} | {e['veneer']} | "
-            f"{_pm(e['accuracy'], signed=False)} | {_pm(gain)} | {improved} | "
+            f"{pm(e['accuracy'], signed=False)} | {pm(gain)} | {improved} | "
             f"{'yes' if e['gain_exceeds_spread'] else ('no' if gain else '')} | "
-            f"{_pm(e['matched'])} | {_pm(e['vs_matched'])} | "
+            f"{pm(e['matched'])} | {pm(e['vs_matched'])} | "
             f"{'yes' if e['vs_matched_exceeds_spread'] else ('no' if e['vs_matched'] else '')} |")
     return "\n".join(lines)
 
