@@ -1,17 +1,34 @@
 """Float64 matrix kernels for the spectral mergers (TSV-M, Iso-C, Iso-CTS, SVC).
 
 Every kernel takes one matrix in the PyTorch layout ``[out, in]`` (or ``[K, out, in]`` task
-stacks) and computes in float64. Singular triplets come from the eigendecomposition of the
-float64 Gram matrix of the smaller side (``A = U S V^T`` with ``A^T A = V S^2 V^T``,
-``U = A V / S``) rather than from an SVD: on this project's 2-core CPU a float64 Gram + ``eigh``
-of a 768 x 768 matrix takes 0.055-0.07 s against 0.18 s (numpy float64), 0.25 s (numpy float32)
-and 0.32 s (``jnp.linalg.svd`` under ``jit``) for an SVD, and numpy's ``eigh`` releases the GIL
-(see :func:`_eigh`). In float64 the Gram squaring costs nothing visible at
-float32 output precision: singular values below ``sqrt(n * eps64) * sigma_1`` (about 4e-7 of the
-largest) are treated as exactly zero and their singular vectors as undefined (the left vector is
-set to 0). Where a factor is therefore not unique (an exactly rank-deficient matrix) the polar
-factor returned is the partial isometry that is zero on the null space; an SVD would instead pick
-an arbitrary completion.
+stacks) and computes in float64.
+
+Two routes to the singular triplets (``docs/SPEC.md`` §4.0):
+
+- **Gram route** (fast): the eigendecomposition of the float64 Gram matrix of the smaller side
+  (``A = U S V^T`` with ``A^T A = V S^2 V^T``, ``U = A V / S``). On this project's 2-core CPU a
+  float64 Gram + ``eigh`` of a 768 x 768 matrix takes 0.055-0.07 s against 0.13 s (768 x 768)
+  and 0.31 s (3072 x 768) for numpy's float64 SVD, and numpy's ``eigh`` releases the GIL (see
+  :func:`_eigh`). Squaring the matrix squares its condition number: the error of a polar factor
+  (``U V^T``) taken this way grows as ``~1e-16 kappa^2`` (measured, relative to its largest
+  entry, on 768 x 768 and 3072 x 768 matrices with geometric and two-level spectra:
+  1e-8 at ``kappa = 1e4``, 1.6e-6 at 1e5, 4e-4 at 1e6).
+- **SVD route** (exact to float64): LAPACK's ``gesdd`` (``numpy.linalg.svd``), within 1e-10 of
+  LAPACK's ``gesvd`` up to ``kappa = 1e6`` on the same matrices.
+
+A kernel takes the Gram route only when every singular value it needs lies at or above
+``sigma_1 / GRAM_MAX_COND`` (so its error stays near 1e-8, a hundred times inside the 1e-6 the
+project promises against float64 LAPACK), which the Gram's own eigenvalues tell (their absolute
+error, ``~n eps sigma_1^2``, is far below that threshold). Otherwise it takes the SVD route: a
+spectrum that Iso-C or TSV-M flattens gives every resolved direction the same weight, so a
+direction the Gram route cannot resolve would cost ``mean(S)`` of output.
+
+Exactly rank-deficient input: singular values at or below ``max(m, n) eps sigma_1`` (the
+numerical rank rule of ``numpy.linalg.matrix_rank``; 1.7e-13 ``sigma_1`` for 768 x 768,
+6.8e-13 for 3072 x 768, below the 1e-12 ``sigma_1`` down to which every direction counts) are
+treated as exactly zero: their singular vectors are undefined, and both the left and the right
+vectors returned for them are 0 (so ``svd(a)`` and ``svd(a.T)`` agree), and a polar factor is the partial isometry that is zero on the null space (an SVD alone would
+pick an arbitrary, rounding-defined completion). The zero matrix gives all-zero factors.
 """
 
 from __future__ import annotations
@@ -21,6 +38,32 @@ import numpy as np
 from larv_jax.arrays import contiguous
 
 _EPS = np.finfo(np.float64).eps
+
+# The largest sigma_1 / sigma_k for which the Gram route gives sigma_k's triplet (module docstring).
+GRAM_MAX_COND = 1e4
+
+
+def _null_cutoff(s0: float, m: int, n: int) -> float:
+    """Singular values at or below this are exactly zero (numerical rank rule)."""
+    return s0 * max(m, n) * _EPS
+
+
+def _gram_resolves(s: np.ndarray, k: int) -> bool:
+    """Whether the Gram route's ``s`` (descending) resolves the top ``k`` triplets."""
+    return k == 0 or s[0] == 0.0 or s[k - 1] >= s[0] / GRAM_MAX_COND
+
+
+def _lapack_svd(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``k`` triplets of a float64 ``a`` by LAPACK ``gesdd``, null directions zeroed."""
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    u, s, vt = u[:, :k], s[:k], vt[:k]
+    null = s <= _null_cutoff(s[0] if s.size else 0.0, *a.shape)
+    if null.any():
+        s = np.where(null, 0.0, s)
+        u, vt = u.copy(), vt.copy()
+        u[:, null] = 0.0
+        vt[null] = 0.0
+    return u, s, vt
 
 
 def _eigh(g: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -53,10 +96,14 @@ def svd(a: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np
         return np.zeros((m, 0)), np.zeros((0,)), np.zeros((0, n))
     lam, v = _eigh(a.T @ a, k)
     s = np.sqrt(np.clip(lam, 0.0, None))
+    if not _gram_resolves(s, k):
+        return _lapack_svd(a, k)
     good = s > (s[0] if s.size else 0.0) * np.sqrt(n * _EPS)
     s = np.where(good, s, 0.0)
     u = (a @ v) / np.where(good, s, 1.0)
-    u[:, ~good] = 0.0
+    if not good.all():                           # only the zero matrix gets here (s[0] == 0)
+        u[:, ~good] = 0.0
+        v = v * good
     return u, s, v.T
 
 
@@ -69,6 +116,9 @@ def polar(a: np.ndarray) -> np.ndarray:
         return a.copy()
     lam, w = _eigh(a.T @ a, None)
     s = np.sqrt(np.clip(lam, 0.0, None))
+    if not _gram_resolves(s, s.size):
+        u, s, vt = _lapack_svd(a, a.shape[1])
+        return u @ vt                            # null columns of u are 0: a partial isometry
     good = s > (s[0] if s.size else 0.0) * np.sqrt(a.shape[1] * _EPS)
     return a @ _inv_sqrt(w, s, good)
 
@@ -104,6 +154,9 @@ def iso_c_matrix_tall(m: np.ndarray) -> np.ndarray:
         return np.zeros_like(m)
     lam, w = _eigh(m.T @ m, None)
     s = np.sqrt(np.clip(lam, 0.0, None))
+    if not _gram_resolves(s, s.size):
+        u, s, vt = _lapack_svd(m, m.shape[1])
+        return np.mean(s) * (u @ vt)
     good = s > (s[0] if s.size else 0.0) * np.sqrt(m.shape[1] * _EPS)
     return np.mean(np.where(good, s, 0.0)) * (m @ _inv_sqrt(w, s, good))
 
