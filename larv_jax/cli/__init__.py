@@ -101,10 +101,8 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.formatwarning = _one_line_warning
-    _enable_compile_cache()
+def build_parser() -> argparse.ArgumentParser:
+    """The ``larv`` parser with every available command's subparser."""
     parser = argparse.ArgumentParser(prog="larv", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=_VersionAction)
@@ -112,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     available = _available()
     for name in available:
         importlib.import_module(COMMANDS[name][0]).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.formatwarning = _one_line_warning
+    _enable_compile_cache()
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
@@ -120,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
+    from larv_jax.cli.common import common_context
+
     try:
-        return int(module.run(args) or 0)
+        with common_context(args):
+            return int(module.run(args) or 0)
     except KeyboardInterrupt:  # outputs are atomic: an interrupted run leaves nothing half-written
         print(f"larv {args.command}: interrupted", file=sys.stderr)
         return 130
