@@ -1,5 +1,9 @@
-"""``larv``: the command-line entry point. Subcommands live in ``larv_jax/cli/<name>.py``, each with
-``add_parser(subparsers)`` and ``run(args) -> int``; this literal table wires them."""
+"""``larv``: the command-line entry point.
+
+Subcommands live in ``larv_jax/cli/<name>.py``, each with ``add_parser(subparsers)`` and
+``run(args) -> int``; the literal table ``COMMANDS`` wires them. Exit statuses: 0 done, 1 bad input
+or a failed run (one line ``larv CMD: error: ...`` on stderr), 2 usage, 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -59,22 +63,77 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"larv: warning: {message}\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.formatwarning = _one_line_warning
-    _enable_compile_cache()
-    parser = argparse.ArgumentParser(prog="larv", description=__doc__.splitlines()[0])
+DESCRIPTION = """\
+Merge fine-tuned CLIP vision transformers without data (Task Arithmetic, TIES, DARE, ... and the
+LARV per-layer veneer), diagnose a merge layer by layer, evaluate zero-shot, and convert between
+Hugging Face, OpenAI / open_clip and orbax checkpoints."""
+
+EPILOG = """\
+Run `larv COMMAND --help` for a command's flags. Documentation: README.md (quickstart and CLI
+reference) and docs/SPEC.md (the method) in the larv_jax repository.
+Exit statuses: 0 done, 1 bad input or failed run, 2 usage, 130 interrupted."""
+
+
+def version_text() -> str:
+    """``larv --version``: the package version, jax's and the default backend's devices. jax is
+    imported only here (and only when asked); a broken jax is reported, not raised."""
+    from larv_jax import __version__
+
+    try:
+        import jax
+
+        devices = jax.devices()
+        kinds = sorted({d.device_kind for d in devices})
+        jax_line = (f"jax {jax.__version__}, backend {jax.default_backend()}: {len(devices)} "
+                    f"device{'s' if len(devices) != 1 else ''} ({', '.join(kinds)})")
+    except Exception as e:  # noqa: BLE001 -- the version must print whatever jax does
+        jax_line = f"jax unavailable ({type(e).__name__}: {e})"
+    return f"larv {__version__}\n{jax_line}"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print the version, jax's version and the devices, and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``larv`` parser with every available command's subparser."""
+    parser = argparse.ArgumentParser(prog="larv", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     available = _available()
     for name in available:
         importlib.import_module(COMMANDS[name][0]).add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.formatwarning = _one_line_warning
+    _enable_compile_cache()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        return 130
     if args.command is None:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
+    from larv_jax.cli.common import common_context
+
     try:
-        return int(module.run(args) or 0)
+        with common_context(args):
+            return int(module.run(args) or 0)
+    except KeyboardInterrupt:  # outputs are atomic: an interrupted run leaves nothing half-written
+        print(f"larv {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"larv {args.command}: error: {msg}", file=sys.stderr)

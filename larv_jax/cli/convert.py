@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from larv_jax.cli.common import add_common_arguments
+
     p = sub.add_parser("convert", help="convert between HF / OpenAI / open_clip / orbax formats",
                        description=__doc__)
     p.add_argument("src", type=Path, help="HF directory or .safetensors, OpenAI/open_clip "
@@ -20,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ DEFAULT_OUT_QUICK = Path("results/demo-quick")
 
 
 def add_parser(sub) -> None:
+    from larv_jax.cli.common import add_common_arguments
+
     p = sub.add_parser("demo", help="the end-to-end LARV benchmark on the offline zoo",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", type=Path, default=None,
@@ -67,8 +69,7 @@ def add_parser(sub) -> None:
                         "(default: exact)")
     p.add_argument("--batch-size", type=int, default=250,
                    help="evaluation batch size (default: 250)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no tqdm progress bars (default: bars on)")
+    add_common_arguments(p)
 
 
 def _names(value: str | None, default) -> tuple[str, ...]:

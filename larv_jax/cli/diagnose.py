@@ -15,6 +15,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from larv_jax.cli.common import add_common_arguments
+
     p = sub.add_parser("diagnose", help="per-layer LARV diagnostics (e, c) of a merge",
                        description=__doc__)
     p.add_argument("--base", required=True, type=Path,
@@ -35,6 +37,7 @@ def add_parser(sub) -> None:
                         "always when it is or holds an input)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (default: refuse)")
+    add_common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

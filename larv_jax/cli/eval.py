@@ -18,6 +18,8 @@ from typing import Any
 
 
 def add_parser(sub) -> None:
+    from larv_jax.cli.common import add_common_arguments
+
     p = sub.add_parser("eval", help="zero-shot evaluation on the TFDS task suites",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None,
@@ -47,6 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_common_arguments(p)
 
 
 def _finetuned_map(entries: list[str] | None, tasks: tuple[str, ...]) -> dict[str, Path]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from larv_jax.cli.common import add_common_arguments
+
     p = sub.add_parser("inspect", help="print a checkpoint's parameter tree and architecture",
                        description=__doc__)
     p.add_argument("path", type=Path, help="HF directory, .safetensors, OpenAI/open_clip .pt, "
@@ -14,6 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
+    add_common_arguments(p)
 
 
 def describe(path: Path, *, allow_pickle: bool = False) -> dict:

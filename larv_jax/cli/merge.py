@@ -12,6 +12,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from larv_jax.cli.common import add_common_arguments
+
     p = sub.add_parser("merge", help="merge fine-tuned checkpoints (optionally with LARV)",
                        description=__doc__)
     p.add_argument("--base", required=True, type=Path,
@@ -42,6 +44,7 @@ def add_parser(sub) -> None:
     from larv_jax.cli.flags import add_larv_arguments
 
     add_larv_arguments(p)
+    add_common_arguments(p)
 
 
 def _start_base_cache(base_path: Path, units, lk: dict):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from larv_jax.cli.common import add_common_arguments
+
     p = sub.add_parser("run", help="run an experiment grid from a configs/*.py file",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="FILE[:ARG]",
@@ -31,6 +33,7 @@ def add_parser(sub) -> None:
                    help="replace an existing results.jsonl in the output directory (default: off)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved grid and checkpoint paths, run nothing (default: off)")
+    add_common_arguments(p)
 
 
 # -- config loading ----------------------------------------------------------------------------

@@ -19,6 +19,8 @@ DEFAULT_OUT_QUICK = Path("results/zoo-quick")
 
 
 def add_parser(sub) -> None:
+    from larv_jax.cli.common import add_common_arguments
+
     p = sub.add_parser("zoo", help="build the offline tiny CLIP model zoo", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     zsub = p.add_subparsers(dest="zoo_command", metavar="ACTION")
@@ -33,11 +35,11 @@ def add_parser(sub) -> None:
                    help="tiny zoo in seconds: 3 tasks, 2 blocks, few steps (default: off)")
     b.add_argument("--force", action="store_true",
                    help="rebuild even when the manifest matches (default: off)")
-    b.add_argument("--no-progress", action="store_true",
-                   help="no tqdm progress bars (default: bars on)")
+    add_common_arguments(b)
     s = zsub.add_parser("show", help="print a zoo's manifest summary")
     s.add_argument("--zoo", type=Path, default=DEFAULT_OUT,
                    help=f"zoo directory (default: {DEFAULT_OUT})")
+    add_common_arguments(s)
 
 
 def default_zoo_dir(quick: bool) -> Path:
