@@ -80,6 +80,35 @@ def task_vectors(base: Any, models: Sequence[Any]) -> Flat:
     return {p: tv[p] for p in tv}
 
 
+class Prepared(NamedTuple):
+    base: LeafSource            # opened (lazily: nothing read yet but the headers)
+    models: list[LeafSource]
+    merged: list[str]           # paths the fine-tuned models carry (a delta each)
+    copied: list[str]           # base paths they lack (copied from the base)
+    hparams: dict[str, Any]     # the method's options, defaults filled in and checked
+    svc_alpha: float | None     # SVC's alpha when ``svc``, else None
+
+
+def prepare(base: Any, models: Sequence[Any], method: str, *, svc: bool = False,
+            svc_alpha: float | None = None, **hparams: Any) -> Prepared:
+    """Every check :func:`merge_delta` makes before it reads a weight: the method and its
+    options, the inputs opened (formats, configs), the same keys in every fine-tuned model and
+    the base's shapes (:func:`larv_jax.merging.stream.validate`), the SVC options. A dry run
+    (``larv merge --dry-run``) stops here; finiteness is checked later, as the leaves are read."""
+    registry.get_method(method)
+    base = open_source(base)
+    models = [open_source(m) for m in models]
+    merged, copied = validate(base, models)
+    config = base.config
+    hp = registry.hparams(method, hparams, model=None if config is None else config.name)
+    alpha = None
+    if svc:
+        alpha = default_alpha(method) if svc_alpha is None else float(svc_alpha)
+    elif svc_alpha is not None:
+        raise ValueError("svc_alpha is given but svc is False")
+    return Prepared(base, models, merged, copied, hp, alpha)
+
+
 def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = False,
                 svc_alpha: float | None = None, hash_inputs: bool = True,
                 **hparams: Any) -> MergeResult:
@@ -102,17 +131,9 @@ def merge_delta(base: Any, models: Sequence[Any], method: str, *, svc: bool = Fa
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     fn = registry.get_method(method)
-    base = open_source(base)
-    models = [open_source(m) for m in models]
-    merged_paths, copied = validate(base, models)
-    config = base.config
-    model_name = None if config is None else config.name
-    hp = registry.hparams(method, hparams, model=model_name)
-    alpha = None
-    if svc:
-        alpha = default_alpha(method) if svc_alpha is None else float(svc_alpha)
-    elif svc_alpha is not None:
-        raise ValueError("svc_alpha is given but svc is False")
+    base, models, merged_paths, copied, hp, alpha = prepare(base, models, method, svc=svc,
+                                                            svc_alpha=svc_alpha, **hparams)
+    model_name = None if base.config is None else base.config.name
     timings["open_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
