@@ -216,7 +216,7 @@ def test_inspect_reports_architecture(hf_clip, capsys):
     assert main(["inspect", str(path), "--json"]) == 0
     import json
 
-    info = json.loads(capsys.readouterr().out)
+    info = json.loads(capsys.readouterr().out)["results"]  # the common --json document
     assert info["model"] == "CLIPModel"
     assert info["num_params"] == sum(p.numel() for p in model.parameters())
 

@@ -14,15 +14,25 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_zoo_cli_then_demo_quick(tmp_path, capsys):
     zoo_dir, out = tmp_path / "zoo", tmp_path / "demo"
-    assert main(["zoo", "build", "--quick", "--out", str(zoo_dir), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["zoo", "build", "--quick", "--out", str(zoo_dir), "--no-progress",
+                 "--json"]) == 0
+    cap = capsys.readouterr()
+    printed = cap.err  # --json: the human text on stderr, one document on stdout
     assert "zero-shot top-1" in printed and "fine-tuned top-1" in printed
     zoo = open_zoo(zoo_dir)
+    built = json.loads(cap.out)
+    assert built["command"] == "zoo build" and built["ok"]
+    assert set(built["results"]["tasks"]) == set(zoo.task_names)
+    assert sorted(built["outputs"]) == sorted(str(zoo_dir / f) for f in zoo.manifest["files"])
     assert main(["zoo", "show", "--zoo", str(zoo_dir)]) == 0
+    capsys.readouterr()
     assert main(["demo", "--quick", "--zoo", str(zoo_dir), "--out", str(out),
-                 "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+                 "--no-progress", "--json"]) == 0
+    cap = capsys.readouterr()
+    printed = cap.err
     assert "using the zoo in" in printed  # the zoo was reused, not rebuilt
+    demo = json.loads(cap.out)
+    assert demo["command"] == "demo" and demo["ok"] and str(out / "table.md") in demo["outputs"]
 
     names = list(zoo.task_names)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -63,6 +73,10 @@ def test_zoo_cli_then_demo_quick(tmp_path, capsys):
         assert len(diag["units"]) == len(by[(m, "tiered")]["s"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tasks"] == names and set(summary["larv_gain"]) == set(veneers[1:])
+    # the --json headline is what summary.json and results.jsonl hold
+    headline = demo["results"]["per_seed"]["0"]
+    assert headline["larv_gain"] == summary["larv_gain"]
+    assert [c["average_top1"] for c in headline["cells"]] == [r["eval"]["average"] for r in rows]
 
     # the lambda sweep: Task Arithmetic at each lambda, plain and tiered; its plain lambda = 0.3
     # cell is the grid's plain TA cell (same merge, same evaluation)

@@ -126,22 +126,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    from larv_jax.cli.common import common_context
+    from larv_jax.cli.common import common_context, emit_json, error_message
 
     try:
         with common_context(args):
-            return int(module.run(args) or 0)
+            status, error = int(module.run(args) or 0), None
     except KeyboardInterrupt:  # outputs are atomic: an interrupted run leaves nothing half-written
+        status, error = 130, "interrupted"
         print(f"larv {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"larv {args.command}: error: {msg}", file=sys.stderr)
-        return 1
-    except OSError as e:  # the operating system's word, on the path it concerns, in one line
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"larv {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, OSError) as e:
+        # OSError: the operating system's word, on the path it concerns, in one line
+        status, error = 1, error_message(e)
+        print(f"larv {args.command}: error: {error}", file=sys.stderr)
+    emit_json(args, status, error)  # --json: one document on stdout, on an error too
+    return status
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ DEFAULT_OUT_QUICK = Path("results/demo-quick")
 
 
 def add_parser(sub) -> None:
-    from larv_jax.cli.common import add_common_arguments
+    from larv_jax.cli.common import add_common_arguments, add_output_arguments
 
     p = sub.add_parser("demo", help="the end-to-end LARV benchmark on the offline zoo",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,9 +44,6 @@ def add_parser(sub) -> None:
                    help="zoo directory: used as it is when it holds a zoo, built there "
                         "otherwise (default: results/zoo, or results/zoo-quick with --quick, "
                         "built, or rebuilt when its seed or spec is stale)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"results directory (default: {DEFAULT_OUT}, or {DEFAULT_OUT_QUICK} with "
-                        "--quick)")
     p.add_argument("--quick", action="store_true",
                    help="quick zoo, 2 mergers (task_arithmetic, ties), 1 schedule (default: off)")
     p.add_argument("--seed", type=int, default=0,
@@ -70,6 +67,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=250,
                    help="evaluation batch size (default: 250)")
     add_common_arguments(p)
+    add_output_arguments(p, help=f"results directory (default: {DEFAULT_OUT}, or "
+                                 f"{DEFAULT_OUT_QUICK} with --quick)",
+                         overwrite_help="replace --out even when it is not a previous demo "
+                                        "output (default: replace a previous demo output only)")
 
 
 def _names(value: str | None, default) -> tuple[str, ...]:
@@ -78,12 +79,12 @@ def _names(value: str | None, default) -> tuple[str, ...]:
     return tuple(s.strip() for s in value.split(",") if s.strip())
 
 
-def _check_out(out: Path) -> None:
-    """Refuse to replace a directory that is not a previous demo output."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
+def _check_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse to replace a directory that is not a previous demo output (unless ``overwrite``)."""
+    if not overwrite and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
             (out / "results.jsonl").exists() or (out / "table.md").exists()))):
         raise FileExistsError(f"{out} exists and is not a larv demo output (no results.jsonl); "
-                              "pick another --out or remove it")
+                              "pick another --out, or pass --overwrite to replace it")
 
 
 def _seeds(args: argparse.Namespace) -> list[int]:
@@ -111,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from larv_jax import merging
+    from larv_jax.cli.common import report as cli_report
+    from larv_jax.cli.flags import check_out
     from larv_jax.cli.zoo import default_zoo_dir
     from larv_jax.io import atomic_path
     from larv_jax.larv import schedules as larv_schedules
@@ -129,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         larv_schedules.parse_spec(s)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    _check_out(out)
+    check_out(out, [seed_zoo_dir(zoo_root, s) for s in seeds], overwrite=True)  # never a zoo
+    _check_out(out, args.overwrite)
+    rep = cli_report(args)
 
     results = {}
     for i, seed in enumerate(seeds):
@@ -156,7 +161,22 @@ def run(args: argparse.Namespace) -> int:
         text = report.study_summary(study["entries"], seeds, results)
     print("\n## Summary\n\n" + text)
     print(f"\nwrote {out}/ ({time.perf_counter() - t_start:.0f} s)")
+    rep.output(out)
+    for seed in seeds:
+        r = results[seed]
+        rep.input("zoo", r["zoo_dir"])
+        rep.timings.update({f"seed{seed}_{k}_s": v for k, v in r["seconds"].items()})
+    rep.results.update(seeds=seeds, per_seed={s: _headline(results[s]) for s in seeds})
     return 0
+
+
+def _headline(r: dict) -> dict:
+    """One seed's headline numbers: reference averages, each cell's average top-1 and the LARV
+    gains (what table.md and summary.json show)."""
+    return {"pretrained_average": r["pretrained"][-1], "individual_average": r["individual"][-1],
+            "cells": [{"merger": x["merger"], "gate": x["gate"],
+                       "average_top1": x["eval"]["average"]} for x in r["rows"]],
+            "larv_gain": r["summary"]}
 
 
 def _run_seed(args: argparse.Namespace, *, seed: int, zoo_dir: Path, methods, schedules) -> dict:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def add_parser(sub) -> None:
-    from larv_jax.cli.common import add_common_arguments
+    from larv_jax.cli.common import add_common_arguments, add_dry_run_argument, add_output_arguments
 
     p = sub.add_parser("eval", help="zero-shot evaluation on the TFDS task suites",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,8 +48,11 @@ def add_parser(sub) -> None:
                    help="zero-shot head cache dir (default: <out>/heads)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_dry_run_argument(p)
     add_common_arguments(p)
+    add_output_arguments(p, required=True,
+                         help="output directory for eval.json and eval.md (required)",
+                         overwrite_help="replace an existing <out>/eval.json (default: refuse)")
 
 
 def _finetuned_map(entries: list[str] | None, tasks: tuple[str, ...]) -> dict[str, Path]:
@@ -100,14 +103,29 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
+class EvalPlan(NamedTuple):
+    tasks: tuple[str, ...]
+    ft_dirs: dict[str, Path]
+    corruptions: list[str]
+    clip: Any                 # the opened --clip checkpoint (nothing read but headers)
+    model: Any                # the opened --model checkpoint
+    finetuned: dict[str, Any]  # {task: opened fine-tuned checkpoint}
+    tokenizer: Any
+    sources: dict[str, Any]   # {task: its opened TFDS data source}
+    summary: dict
 
-    from larv_jax.checkpoint import load_params
+
+def plan(args: argparse.Namespace) -> EvalPlan:
+    """Every check ``larv eval`` makes before its first weight or image is read: the task,
+    corruption and --finetuned names, the output, the checkpoints opened (a CLIPModel for --clip,
+    every vision tower matching its architecture), the tokenizer, every task's data source under
+    --data-dir. Raises the error the real run would give."""
+    from larv_jax.checkpoint import load_checkpoint
+    from larv_jax.cli.common import checkpoint_reads, numel, peak_memory
+    from larv_jax.cli.flags import check_out
     from larv_jax.eval import corruptions as corr_lib
-    from larv_jax.eval.tasks import resolve_tasks
-    from larv_jax.eval.zero_shot import evaluate, normalized_accuracy
-    from larv_jax.io import write_json, write_text
+    from larv_jax.eval.data import dataset_size, open_source
+    from larv_jax.eval.tasks import get_task, resolve_tasks
     from larv_jax.models.tokenizer import load_tokenizer
 
     tasks = resolve_tasks(args.tasks)
@@ -120,44 +138,130 @@ def run(args: argparse.Namespace) -> int:
         corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()]
         for c in corruptions:
             corr_lib.get_corruption(c)  # validate names before any work
-    clip_cfg, clip_params = load_params(args.clip, allow_pickle=args.allow_pickle)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    model_path = args.model or args.clip
+    check_out(args.out, [args.clip, model_path, *ft_dirs.values()], overwrite=True)
+    if (args.out / "eval.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out / 'eval.json'} exists (pass --overwrite to replace it)")
+    clip = load_checkpoint(args.clip, allow_pickle=args.allow_pickle)
+    clip_cfg = clip.config
     if not clip_cfg.has_text or not clip_cfg.has_projection:
         raise ValueError(f"--clip {args.clip}: needs a CLIPModel (text tower + projections)")
     tokenizer = load_tokenizer(args.clip, context_length=clip_cfg.text.context_length)
-    model_path = args.model or args.clip
 
-    def vision(path: Path) -> dict[str, Any]:
-        cfg, params = load_params(path, allow_pickle=args.allow_pickle)
-        if cfg.vision != clip_cfg.vision:
-            raise ValueError(f"{path}: vision tower {cfg.vision} does not match --clip's "
+    def vision(path: Path):
+        ckpt = load_checkpoint(path, allow_pickle=args.allow_pickle)
+        if ckpt.config.vision != clip_cfg.vision:
+            raise ValueError(f"{path}: vision tower {ckpt.config.vision} does not match --clip's "
                              f"{clip_cfg.vision}")
-        return params
+        return ckpt
 
+    model = clip if model_path == args.clip else vision(model_path)
+    finetuned = {t: vision(d) for t, d in ft_dirs.items()}
+    sources = {t: open_source(get_task(t), args.data_dir) for t in tasks}
+    sizes = {t: dataset_size(src, args.limit) for t, src in sources.items()}
+
+    v = clip_cfg.vision
+    tokens = (v.image_size // v.patch_size) ** 2 + 1
+    params = {role: 4 * sum(numel(c.shape(q)) for q in c.paths() if role == "clip"
+                            or q.startswith("visual/"))
+              for role, c in (("clip", clip), ("model", model))}
+    passes = (1 + len(corruptions)) * sum(sizes.values()) + sum(sizes[t] for t in ft_dirs)
+    summary = {
+        "reads": checkpoint_reads([("clip", clip)] + ([("model", model)] if model is not clip
+                                                      else [])
+                                  + [(f"finetuned {t}", c) for t, c in finetuned.items()])
+        + [{"role": f"data {t}", "path": f"{get_task(t).source} split {get_task(t).split} "
+            f"(data_dir {args.data_dir or 'TFDS default'})", "examples": sizes[t]}
+           for t in tasks],
+        "computes": [f"zero-shot heads of {len(tasks)} tasks (cached under "
+                     f"{args.heads_cache or args.out / 'heads'})",
+                     f"top-1 on {', '.join(f'{t} ({sizes[t]})' for t in tasks)}"
+                     + (f"; corruptions {', '.join(corruptions)} at severity {args.severity}"
+                        if corruptions else "")
+                     + (f"; fine-tuned references for {', '.join(ft_dirs)}" if ft_dirs else ""),
+                     f"{passes} images through the image tower in batches of {args.batch_size} "
+                     f"({args.dtype})"],
+        "writes": [str(args.out / "eval.json"), str(args.out / "eval.md"),
+                   str(args.heads_cache or args.out / "heads") + "/ (head cache)"],
+        "memory": peak_memory({
+            "clip_f32": params["clip"], "model_f32": params["model"] if model is not clip else 0,
+            "finetuned_f32": params["model"] if ft_dirs else 0,
+            "image_batch_f32": 4 * args.batch_size * 3 * v.image_size ** 2,
+            "activations_one_block_f32": 4 * args.batch_size * tokens * (4 * v.width
+                                                                         + v.mlp_dim)}),
+    }
+    return EvalPlan(tasks, ft_dirs, corruptions, clip, model, finetuned, tokenizer, sources,
+                    summary)
+
+
+def run(args: argparse.Namespace) -> int:
+    from larv_jax.cli.common import print_plan, report
+
+    p = plan(args)
+    if args.dry_run:
+        report(args).plan = p.summary
+        print_plan("eval", p.summary)
+        return 0
+    return execute(args, p)
+
+
+def execute(args: argparse.Namespace, p: EvalPlan) -> int:
+    """The evaluation itself, on a checked :class:`EvalPlan`."""
+    import jax.numpy as jnp
+
+    from larv_jax.cli.common import report
+    from larv_jax.eval.zero_shot import evaluate, normalized_accuracy
+    from larv_jax.io import write_json, write_text
+
+    rep = report(args)
+    tasks, ft_dirs, corruptions = p.tasks, p.ft_dirs, p.corruptions
+    model_path = args.model or args.clip
+    with rep.phase("load_s"):
+        clip_cfg, clip_params = p.clip.config, p.clip.params()
+        params = clip_params if p.model is p.clip else p.model.params()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    common = dict(tokenizer=tokenizer, heads_cache_dir=args.heads_cache or args.out / "heads",
+    common = dict(tokenizer=p.tokenizer, heads_cache_dir=args.heads_cache or args.out / "heads",
                   batch_size=args.batch_size, limit=args.limit, seed=args.seed, dtype=dtype,
-                  num_threads=args.threads, progress=True)
-    params = vision(model_path)
-    report: dict[str, Any] = {"model": str(model_path), "clip": str(args.clip),
-                              "tasks": list(tasks), "limit": args.limit}
-    report["clean"] = evaluate(params, clip_params, clip_cfg, list(tasks), args.data_dir, **common)
+                  num_threads=args.threads, progress=True, sources=p.sources)
+    report_: dict[str, Any] = {"model": str(model_path), "clip": str(args.clip),
+                               "tasks": list(tasks), "limit": args.limit}
+    with rep.phase("clean_s"):
+        report_["clean"] = evaluate(params, clip_params, clip_cfg, list(tasks), args.data_dir,
+                                    **common)
     if ft_dirs:
         ft = {}
-        for task, d in ft_dirs.items():
-            r = evaluate(vision(d), clip_params, clip_cfg, [task], args.data_dir, **common)
-            ft[task] = r["tasks"][task]["top1"]
-        report["finetuned"] = ft
-        report["normalized"] = normalized_accuracy(
-            {t: r["top1"] for t, r in report["clean"]["tasks"].items()}, ft)
+        with rep.phase("finetuned_s"):
+            for task in ft_dirs:
+                r = evaluate(p.finetuned[task].params(), clip_params, clip_cfg, [task],
+                             args.data_dir, **common)
+                ft[task] = r["tasks"][task]["top1"]
+        report_["finetuned"] = ft
+        report_["normalized"] = normalized_accuracy(
+            {t: r["top1"] for t, r in report_["clean"]["tasks"].items()}, ft)
     if corruptions:
-        report.update(severity=args.severity, corruption_table=args.corruption_table,
-                      seed=args.seed, corruptions={})
-        for c in corruptions:
-            report["corruptions"][c] = evaluate(
-                params, clip_params, clip_cfg, list(tasks), args.data_dir, corruption=c,
-                severity=args.severity, corruption_table=args.corruption_table, **common)
-    write_json(args.out / "eval.json", report)
-    md = markdown(report)
+        report_.update(severity=args.severity, corruption_table=args.corruption_table,
+                       seed=args.seed, corruptions={})
+        with rep.phase("corruptions_s"):
+            for c in corruptions:
+                report_["corruptions"][c] = evaluate(
+                    params, clip_params, clip_cfg, list(tasks), args.data_dir, corruption=c,
+                    severity=args.severity, corruption_table=args.corruption_table, **common)
+    write_json(args.out / "eval.json", report_)
+    md = markdown(report_)
     write_text(args.out / "eval.md", md)
+    rep.input("clip", args.clip)
+    if args.model is not None:
+        rep.input("model", args.model)
+    for t, d in ft_dirs.items():
+        rep.input(f"finetuned {t}", d)
+    rep.output(args.out / "eval.json")
+    rep.output(args.out / "eval.md")
+    rep.results.update(
+        tasks={t: r["top1"] for t, r in report_["clean"]["tasks"].items()},
+        average=report_["clean"]["average"],
+        normalized_average=report_.get("normalized", {}).get("average"),
+        corruptions={c: r["average"] for c, r in report_.get("corruptions", {}).items()})
     print(md, end="")
     return 0

@@ -7,16 +7,17 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from larv_jax.cli.common import add_common_arguments
+    from larv_jax.cli.common import add_common_arguments, add_output_arguments
 
     p = sub.add_parser("inspect", help="print a checkpoint's parameter tree and architecture",
                        description=__doc__)
     p.add_argument("path", type=Path, help="HF directory, .safetensors, OpenAI/open_clip .pt, "
                    "or an orbax directory written by `larv convert --to flax`")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
     add_common_arguments(p)
+    add_output_arguments(p, help="also write the description as JSON to this file (default: "
+                                 "print only)")
 
 
 def describe(path: Path, *, allow_pickle: bool = False) -> dict:
@@ -41,12 +42,20 @@ def describe(path: Path, *, allow_pickle: bool = False) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    from larv_jax.cli.common import report
+    from larv_jax.cli.flags import check_out
+    from larv_jax.io import write_json
 
-    info = describe(args.path, allow_pickle=args.allow_pickle)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
+    rep = report(args)
+    if args.out is not None:
+        check_out(args.out, [args.path], overwrite=args.overwrite)
+    with rep.phase("read_s"):
+        info = describe(args.path, allow_pickle=args.allow_pickle)
+    rep.input("checkpoint", args.path)
+    rep.results.update(info)  # --json: the description is the headline
+    if args.out is not None:
+        write_json(args.out, info)
+        rep.output(args.out)
     for key in ("path", "format", "architecture", "model", "vision", "text", "embed_dim",
                 "source_dtype"):
         if info[key] is not None:

@@ -8,11 +8,13 @@ merge_report.json, atomically.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any, NamedTuple
 
 
 def add_parser(sub) -> None:
-    from larv_jax.cli.common import add_common_arguments
+    from larv_jax.cli.common import add_common_arguments, add_dry_run_argument, add_output_arguments
 
     p = sub.add_parser("merge", help="merge fine-tuned checkpoints (optionally with LARV)",
                        description=__doc__)
@@ -36,15 +38,14 @@ def add_parser(sub) -> None:
                    "(value parsed as a Python literal, else a string); default: none")
     p.add_argument("--seed", type=int, default=None,
                    help="PRNG seed for DARE's masks (default: 0, the method's default key)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out "
-                   "(default: refuse)")
     p.add_argument("--no-hash", action="store_true",
                    help="skip the inputs' sha256 in the report (default: hash them)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (HF format)")
     from larv_jax.cli.flags import add_larv_arguments
 
     add_larv_arguments(p)
+    add_dry_run_argument(p)
     add_common_arguments(p)
+    add_output_arguments(p, required=True, help="output directory (HF format; required)")
 
 
 def _start_base_cache(base_path: Path, units, lk: dict):
@@ -86,14 +87,28 @@ def _prefetched(future) -> tuple | None:
         return None
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
-    import time
+class MergePlan(NamedTuple):
+    """What ``larv merge`` checked and will do (:func:`plan`), executed by :func:`execute`."""
+    prepared: Any        # larv_jax.merging.engine.Prepared: opened inputs, paths, hparams
+    hparams: dict        # the --scale / --seed / --set options as given (merge_delta's kwargs)
+    lk: dict             # larv_kwargs(args)
+    larv_on: bool
+    needs_diag: bool
+    svc_later: bool      # SVC after LARV (--larv-svc-order larv_first)
+    shapes: dict         # {path: shape} of the base
+    units: Any           # LARV units (None without --larv)
+    summary: dict        # the printable / JSON plan
 
-    from larv_jax.checkpoint import load_checkpoint, save_hf
+
+def plan(args: argparse.Namespace) -> MergePlan:
+    """Every check the merge makes before its first weight is read, in the real run's order:
+    the output path, the method and its options, the LARV flags, the inputs opened (format,
+    config, keys, shapes: :func:`larv_jax.merging.engine.prepare`), the LARV units. Raises the
+    error the real run would; ``--dry-run`` prints the result and stops."""
+    from larv_jax.checkpoint import load_checkpoint
     from larv_jax.cli.flags import check_out, larv_kwargs, parse_key_values
     from larv_jax.larv import schedules
-    from larv_jax.merging import TaskVectors, apply_delta, bind, bind_svc, merge_delta, registry
+    from larv_jax.merging import engine, registry
 
     check_out(args.out, [args.base, *args.models], overwrite=args.overwrite)
     hparams = parse_key_values(args.set)
@@ -104,31 +119,102 @@ def run(args: argparse.Namespace) -> int:
     registry.hparams(args.method, hparams)  # a bad option is an error before any input is read
     lk = larv_kwargs(args)
     larv_on = not schedules.is_identity(lk["gate"], **lk["gate_options"])
-    if larv_on:  # jax and the diagnostics only then: a plain merge never imports them
-        import jax
-
-        from larv_jax import diagnostics as dg
-        from larv_jax.caches import base_cache_dir
+    needs_diag = False
+    if larv_on:  # the diagnostics only then: a plain merge never imports jax
         from larv_jax.larv import plan as L
 
         L.check_modes(lk["apply"], lk["svc_order"], args.svc)  # before the (slow) merge
         needs_diag = L.needs_diagnostics(lk["gate"])
     svc_later = larv_on and args.svc and lk["svc_order"] == "larv_first"
-    base = load_checkpoint(args.base)
-    models = [load_checkpoint(m) for m in args.models]
-    units = prefetched = None
+    prepared = engine.prepare(load_checkpoint(args.base), [load_checkpoint(m) for m in args.models],
+                              args.method, svc=args.svc and not svc_later,
+                              svc_alpha=args.svc_alpha, **hparams)
+    base = prepared.base
+    shapes = {p: tuple(base.shape(p)) for p in base.paths()}
+    units = None
+    if larv_on:  # the units depend on the base's shapes and the merged leaves alone
+        units = L.units_for(shapes, set(prepared.merged), lk["granularity"])
+    summary = _summary(args, prepared, shapes, units, larv_on=larv_on, needs_diag=needs_diag)
+    return MergePlan(prepared, hparams, lk, larv_on, needs_diag, svc_later, shapes, units,
+                     summary)
+
+
+def _summary(args, prepared, shapes, units, *, larv_on: bool, needs_diag: bool) -> dict:
+    """The plan as data: inputs, what is computed, what is written, the memory estimate."""
+    import numpy as np
+
+    from larv_jax.cli.common import checkpoint_reads, peak_memory
+
+    k = len(prepared.models)
+    size = {p: int(np.prod(s)) for p, s in shapes.items()}
+    merged = sum(size[p] for p in prepared.merged)
+    copied = sum(size[p] for p in prepared.copied)
+    leaf = max((size[p] for p in prepared.merged), default=0)
+    parts = {"merged_model_f32": 4 * (merged + copied),
+             "one_leaf_task_vectors_f32": 4 * (k + 2) * leaf,
+             "serialized_output": 4 * (merged + copied)}
+    if larv_on and needs_diag:
+        parts["larv_base_f32"] = 4 * (merged + copied)
+    computes = [f"{args.method} over K = {k} task vectors, {len(prepared.merged)} leaves "
+                f"({merged:,} parameters; {len(prepared.copied)} leaves copied from the base)",
+                f"hyperparameters {json.dumps(prepared.hparams, default=repr)}"]
+    if args.svc:
+        computes.append(f"SVC (alpha {prepared.svc_alpha})" if prepared.svc_alpha is not None
+                        else "SVC after LARV (alpha by method)")
     if larv_on:
-        # the units depend on the base's shapes and the merged leaves alone: computed once
-        shapes = {p: tuple(base.shape(p)) for p in base.paths()}
-        units = L.units_for(shapes, set(models[0].paths()), lk["granularity"])
-        if needs_diag:
-            prefetched = _start_base_cache(args.base, units, lk)
-    delta, report = merge_delta(base, models, args.method, svc=args.svc and not svc_later,
-                                svc_alpha=args.svc_alpha, hash_inputs=not args.no_hash, **hparams)
+        computes.append(f"LARV {args.larv} over L = {len(units)} units"
+                        + (" (diagnostics e, c; base cache)" if needs_diag else ""))
+    computes.append("sha256 of every input file" if not args.no_hash else "no input hashes")
+    return {
+        "reads": checkpoint_reads([("base", prepared.base)]
+                                  + [("model", m) for m in prepared.models]),
+        "computes": computes,
+        "writes": [str(args.out / n) for n in ("model.safetensors", "config.json",
+                                               "merge_report.json")],
+        "memory": peak_memory(parts),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from larv_jax.cli.common import print_plan, report
+
+    p = plan(args)
+    if args.dry_run:
+        report(args).plan = p.summary
+        print_plan("merge", p.summary)
+        return 0
+    return execute(args, p)
+
+
+def execute(args: argparse.Namespace, p: MergePlan) -> int:
+    """The merge itself, on a checked :class:`MergePlan`."""
+    import json
+    import time
+
+    from larv_jax.checkpoint import save_hf
+    from larv_jax.cli.common import report
+    from larv_jax.merging import TaskVectors, apply_delta, bind, bind_svc, merge_delta
+
+    rep = report(args)
+    lk, larv_on, needs_diag, svc_later = p.lk, p.larv_on, p.needs_diag, p.svc_later
+    hparams, shapes, units = p.hparams, p.shapes, p.units
+    base, models = p.prepared.base, p.prepared.models
+    if larv_on:
+        import jax
+
+        from larv_jax import diagnostics as dg
+        from larv_jax.caches import base_cache_dir
+        from larv_jax.larv import plan as L
+    prefetched = None
+    if larv_on and needs_diag:
+        prefetched = _start_base_cache(args.base, units, lk)
+    delta, report_ = merge_delta(base, models, args.method, svc=args.svc and not svc_later,
+                                 svc_alpha=args.svc_alpha, hash_inputs=not args.no_hash,
+                                 **hparams)
     # LARV veneer (--larv ...): s from (base, delta); theta = theta0 + s * D.
     t0 = time.perf_counter()
     scales = None
-    report["larv"] = None
+    report_["larv"] = None
     if larv_on:
         pre = _prefetched(prefetched)
         # the source's memory order, like the merged delta: theta0 + s * D needs no transposes
@@ -143,29 +229,42 @@ def run(args: argparse.Namespace) -> int:
             tau = TaskVectors(base, models, list(delta))
             if args.svc:
                 svc = bind_svc(args.method, alpha=args.svc_alpha)
-        p = L.plan(base_flat, delta, gate=lk["gate"], units=units, cache=cache,
-                   key=jax.random.PRNGKey(lk["seed"]), mode=lk["mode"],
-                   diag_options=lk["diag_options"], **lk["gate_options"])
-        report["larv"] = {
+        lp = L.plan(base_flat, delta, gate=lk["gate"], units=units, cache=cache,
+                    key=jax.random.PRNGKey(lk["seed"]), mode=lk["mode"],
+                    diag_options=lk["diag_options"], **lk["gate_options"])
+        report_["larv"] = {
             "spec": lk["gate"], "options": lk["gate_options"], "apply": lk["apply"],
             "base_cache_overlapped_s": cache_s,
             "base_cache_source": None if cache is None else cache.source,
             "svc_order": lk["svc_order"] if args.svc else None,
             "granularity": lk["granularity"],
-            "diagnostics": None if p.diagnostics is None else p.diagnostics.settings,
-            "units": [r._asdict() for r in p.report()]}
+            "diagnostics": None if lp.diagnostics is None else lp.diagnostics.settings,
+            "units": [r._asdict() for r in lp.report()]}
         # what L.apply does, in two steps so that the first pass is released before the apply
-        delta, scales = L.compose(p, shapes, delta, apply=lk["apply"], merge=merge, tau=tau,
+        delta, scales = L.compose(lp, shapes, delta, apply=lk["apply"], merge=merge, tau=tau,
                                   svc=svc, svc_order=lk["svc_order"])
-    report["timings"]["larv_s"] = time.perf_counter() - t0
+    report_["timings"]["larv_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     params = apply_delta(base, delta, scales=scales, consume=True, inplace=True)
-    report["timings"]["apply_s"] = time.perf_counter() - t0
+    report_["timings"]["apply_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    text = json.dumps(report, indent=2) + "\n"
+    text = json.dumps(report_, indent=2) + "\n"
     save_hf(params, base.config, args.out, overwrite=args.overwrite,
             extra_files={"merge_report.json": text})
     save_s = time.perf_counter() - t0
+    for role, entries in (("base", [report_["inputs"]["base"]]),
+                          ("model", report_["inputs"]["models"])):
+        for d in entries:
+            for f in d["files"]:
+                rep.input(role, f["file"], sha256=f["sha256"])
+    rep.output(args.out)
+    rep.timings.update(report_["timings"], save_s=save_s)
+    rep.results.update(method=args.method, num_tasks=len(models),
+                       hparams=report_["hparams"], svc=report_["svc"],
+                       merged_params=report_["merged_params"],
+                       larv=None if report_["larv"] is None else {
+                           "spec": lk["gate"], "units": len(report_["larv"]["units"]),
+                           "s": [u.get("s") for u in report_["larv"]["units"]]})
     print(f"wrote {args.out} ({args.method}, K={len(models)}, merge "
-          f"{report['timings']['merge_s']:.1f}s, save {save_s:.1f}s)")
+          f"{report_['timings']['merge_s']:.1f}s, save {save_s:.1f}s)")
     return 0

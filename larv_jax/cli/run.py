@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from larv_jax.cli.common import add_common_arguments
+    from larv_jax.cli.common import add_common_arguments, add_output_arguments
 
     p = sub.add_parser("run", help="run an experiment grid from a configs/*.py file",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,15 +25,15 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config field (dotted keys, Python literal values), "
                         "repeatable (default: none)")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="output directory (default: the config's out_dir)")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="where the checkpoints are (default: the config's checkpoint_dir)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing results.jsonl in the output directory (default: off)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved grid and checkpoint paths, run nothing (default: off)")
     add_common_arguments(p)
+    add_output_arguments(p, help="output directory (default: the config's out_dir)",
+                         overwrite_help="replace an existing results.jsonl in the output "
+                                        "directory (default: refuse)",
+                         aliases=("--out-dir",))
 
 
 # -- config loading ----------------------------------------------------------------------------
@@ -146,16 +146,29 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from larv_jax.cli.common import report
+
+    rep = report(args)
     config = load_config(args.config, args.overrides)
     ckpt_dir = args.checkpoint_dir or config.checkpoint_dir
-    out_dir = Path(args.out_dir or config.out_dir)
+    out_dir = Path(args.out or config.out_dir)
     base_path = resolve_checkpoint(config.base, ckpt_dir)
     model_paths = [resolve_checkpoint(m, ckpt_dir) for m in config.models]
     mergers = [dict(m) for m in config.mergers]
     gates = [dict(g) for g in config.gates]
     print(f"larv run: {config.name}: {len(mergers)} mergers x {len(gates)} gates, "
           f"{len(model_paths)} models, base {base_path}")
+    rep.input("config", args.config.partition(":")[0])
+    rep.input("base", base_path)
+    for mp in model_paths:
+        rep.input("model", mp)
     if args.dry_run:
+        rep.plan = {"config": config.name, "out": str(out_dir), "base": str(base_path),
+                    "models": [str(m) for m in model_paths],
+                    "cells": [{"merger": m.get("name", m["method"]), "svc": bool(m.get("svc")),
+                               "gate": g.get("name") or g["gate"],
+                               "options": dict(g.get("options") or {}),
+                               "apply": g.get("apply", "post")} for m in mergers for g in gates]}
         for mp in model_paths:
             print(f"  model {mp}")
         for m in mergers:
@@ -188,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
     def on_diagnostics(label, diagnostics):
         dg.to_json(diagnostics, out_dir / f"diagnostics_{label}.json")
+        rep.output(out_dir / f"diagnostics_{label}.json")
 
     def on_params(row, params):
         from larv_jax.checkpoint import save_hf
@@ -199,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         label = f"{row['merger']}{'_svc' if row['svc'] else ''}_{row['gate']}_{row['apply']}"
         safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label)
         row["params_dir"] = str(save_hf(vision, cfg, out_dir / "params" / safe))
+        rep.output(row["params_dir"])
 
     d = config.diagnostics
     counters: collections.Counter = collections.Counter()
@@ -219,6 +234,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {row['merger']:<10} svc={'y' if row['svc'] else 'n'} {row['gate']:<24} "
               f"{row['apply']:<4} tiers {row['tiers']}"
               + (f"  avg top-1 {100 * avg:.2f}" if avg is not None else ""))
+    rep.timings["grid_s"] = time.perf_counter() - t0
+    for name in ("config.json", "results.jsonl", "results.md"):
+        rep.output(out_dir / name)
+    rep.results.update(config=config.name, cells=[
+        {k: r.get(k) for k in ("merger", "svc", "gate", "apply", "tiers", "update_norm")}
+        | {"average_top1": (r.get("eval") or {}).get("average")} for r in rows],
+        counters=dict(counters))
     print(f"larv run: {len(rows)} cells in {time.perf_counter() - t0:.1f} s "
           f"({dict(counters)}); wrote {results_path} and {out_dir / 'results.md'}")
     return 0

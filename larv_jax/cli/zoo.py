@@ -19,7 +19,7 @@ DEFAULT_OUT_QUICK = Path("results/zoo-quick")
 
 
 def add_parser(sub) -> None:
-    from larv_jax.cli.common import add_common_arguments
+    from larv_jax.cli.common import add_common_arguments, add_output_arguments
 
     p = sub.add_parser("zoo", help="build the offline tiny CLIP model zoo", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,19 +27,21 @@ def add_parser(sub) -> None:
     b = zsub.add_parser("build", help="build (or reuse) a zoo",
                         description="Build the zoo, or reuse it when its manifest has the same "
                                     "seed and spec.")
-    b.add_argument("--out", type=Path, default=None,
-                   help=f"zoo directory (default: {DEFAULT_OUT}, or {DEFAULT_OUT_QUICK} with "
-                        "--quick)")
     b.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     b.add_argument("--quick", action="store_true",
                    help="tiny zoo in seconds: 3 tasks, 2 blocks, few steps (default: off)")
-    b.add_argument("--force", action="store_true",
-                   help="rebuild even when the manifest matches (default: off)")
     add_common_arguments(b)
+    add_output_arguments(b, help=f"zoo directory (default: {DEFAULT_OUT}, or {DEFAULT_OUT_QUICK} "
+                                 "with --quick)",
+                         overwrite_help="rebuild even when the manifest matches (default: reuse "
+                                        "a zoo of the same seed and spec)",
+                         overwrite_aliases=("--force",))
     s = zsub.add_parser("show", help="print a zoo's manifest summary")
     s.add_argument("--zoo", type=Path, default=DEFAULT_OUT,
                    help=f"zoo directory (default: {DEFAULT_OUT})")
     add_common_arguments(s)
+    add_output_arguments(s, help="also write the summary (markdown) to this file (default: "
+                                 "print only)")
 
 
 def default_zoo_dir(quick: bool) -> Path:
@@ -61,20 +63,49 @@ def format_manifest(manifest: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from larv_jax.cli.common import report
     from larv_jax.zoo import build_zoo
 
+    rep = report(args)
     action = getattr(args, "zoo_command", None)
     if action == "show":
         path = args.zoo / "manifest.json"
+        if args.out is not None:
+            from larv_jax.cli.flags import check_out
+
+            check_out(args.out, [args.zoo], overwrite=args.overwrite)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no zoo manifest (build one with `larv zoo build`)")
-        print(format_manifest(json.loads(path.read_text())))
+        manifest = json.loads(path.read_text())
+        rep.input("manifest", path)
+        rep.results.update(_headline(manifest))
+        text = format_manifest(manifest)
+        if args.out is not None:
+            from larv_jax.io import write_text
+
+            write_text(args.out, text + "\n")
+            rep.output(args.out)
+        print(text)
         return 0
     if action != "build":
         print("usage: larv zoo {build,show} ... (see larv zoo --help)")
         return 2
     out = args.out or default_zoo_dir(args.quick)
-    manifest = build_zoo(out, seed=args.seed, quick=args.quick, force=args.force,
-                         progress=not args.no_progress, log=print)
+    with rep.phase("build_s"):
+        manifest = build_zoo(out, seed=args.seed, quick=args.quick, force=args.overwrite,
+                             progress=not args.no_progress, log=print)
+    # the manifest's own sha256 of every file: the outputs' hashes come for free
+    rep.outputs.extend(str(out / f) for f in manifest.get("files", {}))
+    rep.results.update(_headline(manifest), files_sha256=manifest.get("files", {}))
     print(format_manifest(manifest))
     return 0
+
+
+def _headline(manifest: dict) -> dict:
+    """The numbers `larv zoo show` prints: per-task zero-shot and fine-tuned top-1, timings."""
+    return {"seed": manifest.get("seed"), "spec_hash": manifest.get("spec_hash"),
+            "quick": bool(manifest.get("quick")),
+            "tasks": {n: {"classes": len(t["classes"]), "zero_shot_top1": t["zero_shot_top1"],
+                          "finetuned_top1": t["finetuned_top1"]}
+                      for n, t in manifest["tasks"].items()},
+            "build_timings_s": manifest.get("timings_s", {})}
