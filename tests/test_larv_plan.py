@@ -1,6 +1,8 @@
 """The LARV plan and apply (SPEC §3): post/pre composition, SVC order, identities, per-unit
 placement, the CLI's flags."""
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -246,7 +248,11 @@ def test_every_registry_merger_under_larv(zoo):
         for p in base:
             np.testing.assert_array_equal(plain[p], base[p] + np.asarray(delta[p], np.float32),
                                           err_msg=f"{name} {p}")
-        params, res = larv(base, tau, method=name, gate="tiered", svc=True)
+        # Iso-C's and Iso-CTS's flat spectra are SVC clusters, re-based with a warning (SPEC
+        # §5); every other merger's spectra have none (a warning there is an error)
+        with (pytest.warns(UserWarning, match="clusters of near-equal") if name.startswith("iso")
+              else contextlib.nullcontext()):
+            params, res = larv(base, tau, method=name, gate="tiered", svc=True)
         assert all(np.isfinite(v).all() for v in params.values()), name
         assert sorted(set(res.s.tolist())) == [0.5, 1.0, 1.5], name
 

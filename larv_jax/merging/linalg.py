@@ -26,9 +26,10 @@ direction the Gram route cannot resolve would cost ``mean(S)`` of output.
 Exactly rank-deficient input: singular values at or below ``max(m, n) eps sigma_1`` (the
 numerical rank rule of ``numpy.linalg.matrix_rank``; 1.7e-13 ``sigma_1`` for 768 x 768,
 6.8e-13 for 3072 x 768, below the 1e-12 ``sigma_1`` down to which every direction counts) are
-treated as exactly zero: their singular vectors are undefined, and both the left and the right
-vectors returned for them are 0 (so ``svd(a)`` and ``svd(a.T)`` agree), and a polar factor is the partial isometry that is zero on the null space (an SVD alone would
-pick an arbitrary, rounding-defined completion). The zero matrix gives all-zero factors.
+treated as exactly zero: their singular vectors are undefined, both the left and the right
+vectors returned for them are 0 (so ``svd(a)`` and ``svd(a.T)`` agree), and a polar factor is
+the partial isometry that is zero on the null space (an SVD alone would pick an arbitrary,
+rounding-defined completion). The zero matrix gives all-zero factors.
 """
 
 from __future__ import annotations
@@ -205,23 +206,93 @@ def iso_cts_matrix(taus: np.ndarray, common_fraction: float) -> np.ndarray:
     return np.mean(s_all) * (u_perp @ v_perp.T)
 
 
-def svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float) -> np.ndarray:
+# Consecutive singular values equal to this relative tolerance form a cluster
+# (SVC's basis inside it is then the tasks' energy eigenbasis; docs/SPEC.md §5).
+SVC_CLUSTER_RTOL = 1e-5
+
+
+def singular_clusters(s: np.ndarray, rtol: float = SVC_CLUSTER_RTOL) -> list[tuple[int, int]]:
+    """Index ranges ``[j, k)`` (``k - j >= 2``) of runs of consecutive nonzero singular values
+    ``s`` (descending) whose neighbours are equal to a relative ``rtol``: ``s[r] - s[r + 1] <=
+    rtol * s[r]`` (chained: a run may span more than ``rtol`` in all). Relative to the values
+    themselves, not to ``sigma_1``, so that a decaying tail of distinct small values (a noise
+    bulk, whose neighbours are close in absolute terms) is no cluster. Zero singular values (null
+    directions) belong to none."""
+    s = np.asarray(s, dtype=np.float64)
+    if s.size < 2 or s[0] <= 0.0:
+        return []
+    close = (s[:-1] - s[1:] <= rtol * s[:-1]) & (s[1:] > 0.0)
+    out, j = [], None
+    for r, c in enumerate(close):
+        if c and j is None:
+            j = r
+        elif not c and j is not None:
+            out.append((j, r + 1))
+            j = None
+    if j is not None:
+        out.append((j, s.size))
+    return out
+
+
+def svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float,
+               cluster_rtol: float = SVC_CLUSTER_RTOL) -> np.ndarray:
     """Singular value calibration of one merged delta ``[m, n]`` against ``taus [K, m, n]``.
 
     ``s_r^i = <S_r v_r, u_r^T tau_i> / max(||u_r^T tau_i||^2, 1e-12)`` (NaN / -inf -> alpha),
     ``gamma_r = K / sum_i max(s_r^i, alpha)``, ``S'_r = gamma_r S_r``.
+
+    Inside a cluster of (near-)equal singular values (:func:`singular_clusters`; Iso-C's and
+    Iso-CTS's flat spectra are one cluster) the SVD's basis is arbitrary, defined by rounding:
+    there the directions are the eigenvectors (descending) of the tasks' energy inside the
+    cluster's left space, ``U_c^T (sum_i tau_i tau_i^T) U_c``, and ``D' = sum_r gamma_r u_r
+    (u_r^T D)`` (which is ``U diag(gamma S) V^T`` outside clusters). Their projections are
+    float64 (a float32 product's 1e-7 would move the eigenbasis by 1e-7 / gap). Without clusters
+    the result is exactly that of the plain formula.
     """
+    return _svc_matrix(merged, taus, alpha, cluster_rtol)[0]
+
+
+def _svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float, cluster_rtol: float,
+                basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, int]:
+    """:func:`svc_matrix` and the number of directions inside clusters. ``basis``: the SVD of
+    ``merged`` to use instead of computing one (tests rotate it inside a cluster)."""
     dm = np.asarray(merged, dtype=np.float64)
-    u, s, vt = svd(dm)
+    u, s, vt = svd(dm) if basis is None else basis
     a_m = s[:, None] * vt                                    # rows u_r^T D_m = S_r v_r^T
+    clusters = singular_clusters(s, cluster_rtol)
+    inc = np.zeros(s.size, bool)
+    for j, k in clusters:
+        inc[j:k] = True
+    if clusters:
+        # first pass: each cluster's energy, then its eigenbasis replaces the SVD's (u's columns
+        # and a_m's rows rotated alike, so sum_r u_r a_m_r = D is kept)
+        u, a_m = u.copy(), a_m.copy()
+        energy = [np.zeros((k - j, k - j)) for j, k in clusters]
+        for t in taus:
+            t64 = contiguous(t, np.float64)
+            for e, (j, k) in zip(energy, clusters, strict=True):
+                p = u[:, j:k].T @ t64
+                e += p @ p.T
+        for e, (j, k) in zip(energy, clusters, strict=True):
+            rot = _eigh(e, None)[1]
+            u[:, j:k] = u[:, j:k] @ rot
+            a_m[j:k] = rot.T @ a_m[j:k]
+        u64t = np.ascontiguousarray(u.T[inc])
     # The K projections u^T tau_i are the bulk of the work (K r m n flops): float32 products of
-    # the float32 task vectors (relative error ~1e-7 in the ratios below), accumulated in float64.
-    u32t = np.ascontiguousarray(u.T, dtype=np.float32)
+    # the float32 task vectors (relative error ~1e-7 in the ratios below), accumulated in float64;
+    # inside clusters float64 products (a float32 product's 1e-7 would move the basis by 1e-7/gap)
+    u32t = np.ascontiguousarray(u.T[~inc] if clusters else u.T, dtype=np.float32)
     ratios = []
     for t in taus:                                           # one task at a time
         # a C-contiguous operand whatever the caller's memory order: the same BLAS call, so the
         # same float32 rounding, for a streamed (native-order) and an in-memory leaf
         a_i = (u32t @ contiguous(t, np.float32)).astype(np.float64)  # rows u_r^T tau_i
+        if clusters:
+            full = np.empty((s.size, a_i.shape[1]))
+            full[~inc] = a_i
+            full[inc] = u64t @ contiguous(t, np.float64)
+            a_i = full
         num = np.einsum("rn,rn->r", a_m, a_i)
         den = np.maximum(np.einsum("rn,rn->r", a_i, a_i), 1e-12)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -229,4 +300,6 @@ def svc_matrix(merged: np.ndarray, taus: np.ndarray, alpha: float) -> np.ndarray
     ratio = np.stack(ratios)
     ratio = np.where(np.isnan(ratio) | np.isneginf(ratio), alpha, ratio)
     gamma = taus.shape[0] / np.sum(np.maximum(ratio, alpha), axis=0)
-    return (u * (gamma * s)) @ vt
+    if not clusters:
+        return (u * (gamma * s)) @ vt, 0
+    return (u * gamma) @ a_m, int(inc.sum())

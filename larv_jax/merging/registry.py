@@ -119,10 +119,11 @@ def bind_svc(method: str | None = None, *, alpha: float | None = None, **options
              ) -> Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]:
     """``svc(delta_flat, tau_flat) -> delta_flat``: singular value calibration (SPEC §5), with
     ``alpha`` defaulting to the base merger's value (:data:`larv_jax.merging.svc.SVC_ALPHA`);
-    ``options``: ``exclude``."""
-    unknown = sorted(set(options) - {"exclude"})
+    ``options``: ``exclude``, ``cluster_rtol``."""
+    unknown = sorted(set(options) - {"exclude", "cluster_rtol"})
     if unknown:
-        raise ValueError(f"svc: unknown option(s) {unknown}; valid: ['alpha', 'exclude']")
+        raise ValueError(f"svc: unknown option(s) {unknown}; valid: "
+                         "['alpha', 'cluster_rtol', 'exclude']")
     alpha = (svc_alpha(method) if method else 0.1) if alpha is None else alpha
 
     def calibrate(delta: Mapping[str, Any], tau: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ unchanged. Computed in float64 numpy (as FusionBench does in torch float64), out
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,21 +36,37 @@ def svc_alpha(method: str) -> float:
 
 
 def svc(delta: Mapping[str, Any], task_vectors: Mapping[str, Any], *, alpha: float = 0.1,
-        exclude: Sequence[str] = (), inplace: bool = False) -> Any:
+        exclude: Sequence[str] = (), inplace: bool = False,
+        cluster_rtol: float = linalg.SVC_CLUSTER_RTOL) -> Any:
     """Calibrate the singular values of every matrix leaf of ``delta`` (``{path: D}``, Flax
     layout) against ``task_vectors`` (``{path: tau [K, ...]}``, may be lazy). Leaves of ``delta``
     that are not matrices (or match ``exclude``) are returned as they are (the same objects).
     ``inplace`` (flat dict ``delta`` only) replaces the entries of ``delta`` itself, so that the
     streaming engine never holds two merged models.
+
+    Matrices whose spectrum has clusters of near-equal singular values (consecutive values equal
+    to a relative ``cluster_rtol``; Iso-C's and Iso-CTS's spectra are flat) take the tasks' energy eigenbasis
+    inside each cluster instead of the SVD's rounding-defined one (SPEC §5,
+    :func:`larv_jax.merging.linalg.svc_matrix`); one warning per call says how many.
     """
     if not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha (SVC) must be a finite positive number; got {alpha!r}")
+    if not (np.isfinite(cluster_rtol) and 0 <= cluster_rtol < 1):
+        raise ValueError(f"cluster_rtol (SVC) must be in [0, 1); got {cluster_rtol!r}")
     flat, nested = _flat(delta)
     tv, _ = _flat(task_vectors)
     pats = _exclude(exclude)
     if inplace and (nested or not isinstance(delta, dict)):
         raise ValueError("svc(inplace=True) needs a flat dict delta")
     out = flat if inplace else {}
+    clustered: list[tuple[str, int]] = []          # (path, directions in clusters), any thread
+
+    def calibrate(path: str, t: np.ndarray, dm: np.ndarray) -> np.ndarray:
+        res, n = linalg._svc_matrix(dm, t, alpha, cluster_rtol)
+        if n:
+            clustered.append((path, n))
+        return res
+
     for path, d in list(flat.items()):
         d = np.asarray(d)
         if not takes_matrix_path(path, d.shape, pats):
@@ -58,6 +75,13 @@ def svc(delta: Mapping[str, Any], task_vectors: Mapping[str, Any], *, alpha: flo
         taus = np.asarray(tv[path], dtype=np.float32)
         if taus.shape[1:] != d.shape:
             raise ValueError(f"svc: task vectors of {path!r} have shape {taus.shape}, delta {d.shape}")
-        out[path] = _matrix_map(path, taus, lambda t, dm: linalg.svc_matrix(dm, t, alpha),
+        out[path] = _matrix_map(path, taus, lambda t, dm, p=path: calibrate(p, t, dm),
                                 extra=d.astype(np.float32))
+    if clustered:
+        leaves = sorted({p for p, _ in clustered})
+        warnings.warn(
+            f"SVC: {len(clustered)} matrices ({len(leaves)} leaves, e.g. {leaves[0]}) have "
+            f"clusters of near-equal singular values ({sum(n for _, n in clustered)} directions "
+            f"in all; equal to a relative {cluster_rtol:g}); inside each the tasks' energy eigenbasis "
+            "replaces the SVD's arbitrary one (docs/SPEC.md §5)", stacklevel=2)
     return tree.unflatten(out) if nested else out
