@@ -163,3 +163,34 @@ def test_convert_never_replaces_its_own_input(good, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "would replace or sit inside the input" in err and len(err.strip().splitlines()) == 1
     assert (src / "model.safetensors").read_bytes() == before
+
+
+def test_dangling_symlinks_are_named_with_their_target(good, tmp_path, capsys):
+    """A symbolic link to nothing (a Hugging Face cache snapshot whose blob was deleted) is
+    reported as such, naming the link and its target; it used to read as 'directory holds no
+    weights' (the weights) or be skipped (config.json, the architecture then guessed)."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "model.safetensors").symlink_to("../blobs/abc123")
+    (snap / "config.json").symlink_to(good / "config.json")
+    err = _convert_fails(snap, tmp_path, capsys, f"{snap / 'model.safetensors'}: dangling "
+                         "symbolic link to ../blobs/abc123", str(tmp_path / "blobs" / "abc123"))
+    assert "holds no weights" not in err and len(err.strip().splitlines()) == 1
+    # the input itself a dangling link; a config.json link to nothing next to good weights
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    _convert_fails(link, tmp_path, capsys, f"{link}: dangling symbolic link to {tmp_path / 'gone'}")
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "model.safetensors").symlink_to(good / "model.safetensors")
+    (cfg / "config.json").symlink_to(tmp_path / "nowhere.json")
+    _convert_fails(cfg, tmp_path, capsys, f"{cfg / 'config.json'}: dangling symbolic link")
+    # and as a model of a merge: one line, exit 1, nothing written
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(good), "--models", str(good), str(snap), "--method",
+                 "task_arithmetic", "--no-progress", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"larv merge: error: {snap / 'model.safetensors'}: "
+                                        f"dangling symbolic link to ../blobs/abc123 (the target "
+                                        f"does not exist: {tmp_path / 'blobs' / 'abc123'})"]
+    assert not out.exists()

@@ -24,6 +24,7 @@ def test_help_is_for_users(capsys):
     out = capsys.readouterr().out
     assert "Subcommands live in" not in out
     assert "Merge fine-tuned CLIP" in out and "README.md" in out and "130 interrupted" in out
+    assert "143 terminated" in out
     for name in COMMANDS:
         assert name in out
 
@@ -44,3 +45,23 @@ def test_interrupt_exits_130(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(inspect_cmd, "run", interrupted)
     assert main(["inspect", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == "larv inspect: interrupted"
+
+
+def test_sigterm_exits_143(monkeypatch, tmp_path, capsys):
+    """SIGTERM during a command unwinds like Ctrl-C (outputs' temporaries removed) and exits 143
+    with one line; the previous SIGTERM handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    import larv_jax.cli.inspect as inspect_cmd
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)   # the handler raises at the next bytecode
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(inspect_cmd, "run", terminated)
+    assert main(["inspect", str(tmp_path)]) == 143
+    assert capsys.readouterr().err.strip() == "larv inspect: terminated"
+    assert signal.getsignal(signal.SIGTERM) is before

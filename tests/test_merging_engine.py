@@ -343,3 +343,35 @@ def test_plain_merge_command_never_imports_jax(tmp_path):
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip().splitlines()[-1] == want, extra
+
+
+@pytest.mark.parametrize("key", ["visual/transformer/resblocks/mlp/c_fc/kernel",
+                                 "visual/conv1/kernel"])
+def test_task_vector_overflow_names_the_model_file_and_key(tmp_path, capsys, key):
+    """Finite weights whose difference from the base overflows float32 (3e38 - -3e38): one line
+    naming the fine-tuned model's file and the key, exit 1, nothing written; through the raw
+    chunked reads (c_fc, stored float32 as is) and the converting ones (conv1, which was not
+    checked at all), for the sum-only methods (task_sum) and the stacking ones (TIES)."""
+    from larv_jax.cli import main
+
+    base, models = zoo(2)
+    base[key] = base[key].copy()
+    base[key].flat[5] = -3e38
+    models[1][key] = models[1][key].copy()
+    models[1][key].flat[5] = 3e38
+    save_hf(base, VCFG, tmp_path / "base")
+    for i, m in enumerate(models):
+        save_hf(m, VCFG, tmp_path / f"m{i}")
+    raw = load_checkpoint(tmp_path / "m1").raw_layout(key) is not None
+    assert raw == (key != "visual/conv1/kernel")  # both read paths covered
+    for method in ("task_arithmetic", "ties"):
+        out = tmp_path / "out"
+        assert main(["merge", "--base", str(tmp_path / "base"), "--models", str(tmp_path / "m0"),
+                     str(tmp_path / "m1"), "--method", method, "--no-hash", "--no-progress",
+                     "--quiet", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [
+            f"larv merge: error: {tmp_path / 'm1'}: {key!r}: the task vector (this model minus "
+            f"the base {tmp_path / 'base'}) is not finite: the difference of finite weights "
+            "overflows float32"], method
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name[0] == "."]

@@ -17,6 +17,7 @@ Every expected key must be present and every present key used: a missing or unex
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from functools import cached_property
@@ -274,6 +275,18 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "open_clip_pytorch_model.bin")
 
 
+def _refuse_dangling(path: Path) -> None:
+    """A FileNotFoundError naming ``path`` and its target when ``path`` is a symbolic link to
+    nothing (e.g. a Hugging Face cache snapshot whose blob was deleted), which ``exists()``
+    alone reports as absent: a directory "without weights", a config silently inferred."""
+    if path.is_symlink() and not path.exists():
+        target = os.readlink(path)
+        where = os.path.normpath(os.path.join(path.parent, target))
+        missing = "" if where == target else f": {where}"
+        raise FileNotFoundError(f"{path}: dangling symbolic link to {target} (the target does "
+                                f"not exist{missing})")
+
+
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
                     config: CLIPConfig | None = None) -> Checkpoint:
     """Open a checkpoint (see module docstring) lazily.
@@ -281,9 +294,12 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
     ``config`` overrides the ``config.json`` / shape inference (the head count cannot be read off
     the weights: inference assumes 64-wide heads, true for every released CLIP)."""
     path = Path(path)
+    _refuse_dangling(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
+        for name in (*WEIGHT_FILES, "config.json"):
+            _refuse_dangling(path / name)
         found = [path / n for n in WEIGHT_FILES if (path / n).exists()]
         if not found:
             raise FileNotFoundError(f"{path}: directory holds no weights (looked for "
@@ -300,6 +316,7 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
             raise ValueError(f"{weights}: not a safetensors index (no 'weight_map')") from None
         files = sorted({weights.parent / f for f in weight_map.values()})
         for f in files:
+            _refuse_dangling(f)
             if not f.exists():
                 raise FileNotFoundError(f"{weights}: shard {f.name} is missing")
         source = SafetensorsSource(files)

@@ -2,7 +2,8 @@
 
 Subcommands live in ``larv_jax/cli/<name>.py``, each with ``add_parser(subparsers)`` and
 ``run(args) -> int``; the literal table ``COMMANDS`` wires them. Exit statuses: 0 done, 1 bad input
-or a failed run (one line ``larv CMD: error: ...`` on stderr), 2 usage, 130 interrupted.
+or a failed run (one line ``larv CMD: error: ...`` on stderr), 2 usage, 130 interrupted (SIGINT),
+143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ Hugging Face, OpenAI / open_clip and orbax checkpoints."""
 EPILOG = """\
 Run `larv COMMAND --help` for a command's flags. Documentation: README.md (quickstart and CLI
 reference) and docs/SPEC.md (the method) in the larv_jax repository.
-Exit statuses: 0 done, 1 bad input or failed run, 2 usage, 130 interrupted."""
+Exit statuses: 0 done, 1 bad input or failed run, 2 usage, 130 interrupted, 143 terminated."""
 
 
 def version_text() -> str:
@@ -127,13 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     from larv_jax.cli.common import common_context, emit_json, error_message
+    from larv_jax.io import Terminated, sigterm_raises
 
     try:
-        with common_context(args):
+        # SIGTERM (kill, timeout, a batch scheduler) unwinds like Ctrl-C: temporaries removed
+        with sigterm_raises(), common_context(args):
             status, error = int(module.run(args) or 0), None
     except KeyboardInterrupt:  # outputs are atomic: an interrupted run leaves nothing half-written
         status, error = 130, "interrupted"
         print(f"larv {args.command}: interrupted", file=sys.stderr)
+    except Terminated as e:
+        status, error = e.code, "terminated"
+        print(f"larv {args.command}: terminated", file=sys.stderr)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, OSError) as e:
         # OSError: the operating system's word, on the path it concerns, in one line
         status, error = 1, error_message(e)

@@ -124,16 +124,18 @@ class TaskVectors(Mapping):
         finiteness check of a first read done on each chunk while it is in cache."""
         b_mem = memory_order(b)[0].reshape(-1)
         for k, lo, hi, x in _raw_chunks(b_mem, layouts, target):
-            if check and not np.isfinite(np.sum(x, dtype=np.float64)):
-                self._raise_nonfinite(path, b)
+            if check and not _finite(x):
+                self._raise_nonfinite(path, b, k)
             yield k, lo, hi, x
 
-    def _raise_nonfinite(self, path: str, b: np.ndarray) -> None:
-        """Name the model whose leaf has NaN/Inf (a tau chunk was not finite)."""
-        for m in self.models:
-            _read(m, path, True, out=np.empty(b.shape, np.float32))
-        raise ValueError(f"{path!r}: a task vector is not finite (the difference of finite "
-                         "weights overflows float32)")
+    def _raise_nonfinite(self, path: str, b: np.ndarray, k: int) -> None:
+        """Model k's ``tau_k`` of ``path`` was not finite: name its file and the key, and whether
+        its weights hold NaN/Inf or their difference from the (finite) base overflows float32."""
+        m = self.models[k]
+        _read(m, path, True, out=np.empty(b.shape, np.float32))
+        raise ValueError(f"{_name(m)}: {path!r}: the task vector (this model minus the base "
+                         f"{_name(self.base)}) is not finite: the difference of finite weights "
+                         "overflows float32")
 
     def __getitem__(self, path: str) -> np.ndarray:
         t0 = time.perf_counter()
@@ -147,8 +149,10 @@ class TaskVectors(Mapping):
                 pass
         else:
             for k, m in enumerate(self.models):
-                _read(m, path, check, out=stack[k])   # straight into place: no per-model copy
-                np.subtract(stack[k], b, out=stack[k])
+                _read(m, path, False, out=stack[k])   # straight into place: no per-model copy
+                _subtract(stack[k], b)
+                if check and not _finite(stack[k]):   # NaN/Inf in the model, or an overflow
+                    self._raise_nonfinite(path, b, k)
         self._checked.add(path)
         self.read_s += time.perf_counter() - t0
         return stack
@@ -228,8 +232,10 @@ class TaskVectors(Mapping):
             acc = out if scale is None else empty_like_order(b.shape, b, np.float64)
             buf = self._buffer("sum", b.shape, b)
             for k, m in enumerate(self.models):
-                _read(m, path, check, out=buf)
-                np.subtract(buf, b, out=buf)
+                _read(m, path, False, out=buf)
+                _subtract(buf, b)
+                if check and not _finite(buf):
+                    self._raise_nonfinite(path, b, k)
                 if k == 0:
                     np.copyto(acc, buf)
                 else:
@@ -290,7 +296,7 @@ def _raw_chunks(b_mem: np.ndarray, layouts: Sequence[Sequence[tuple[Path, int, i
                     file, offset, _ = lay[j]
                     x = target(k, lo, hi)
                     _pread(fds[file], x, offset + 4 * s, file)
-                    np.subtract(x, base_piece, out=x)
+                    _subtract(x, base_piece)
                     yield k, lo, hi, x
             start += count
     finally:
@@ -314,12 +320,23 @@ def _pread(fd: int, out: np.ndarray, offset: int, file: Path) -> None:
 def _read(src: LeafSource, path: str, check: bool, out: np.ndarray | None = None,
           native: bool = False) -> np.ndarray:
     x = src.leaf(path, out=out, native=native)
-    # A float64 sum of float32 values cannot overflow, so it is finite iff every value is: one
-    # pass without a boolean temporary; the count only when something is wrong.
-    if check and not np.isfinite(np.sum(x, dtype=np.float64)):
+    if check and not _finite(x):
         bad = int(np.size(x) - np.isfinite(x).sum())
         raise ValueError(f"{_name(src)}: {path!r} has {bad} NaN/Inf value(s)")
     return x
+
+
+def _subtract(x: np.ndarray, b: np.ndarray) -> None:
+    """``x -= b`` in place, without numpy's overflow warning: the caller checks the result
+    (:func:`_finite`) and raises an error naming the file and key instead."""
+    with np.errstate(over="ignore"):
+        np.subtract(x, b, out=x)
+
+
+def _finite(x: np.ndarray) -> bool:
+    """Whether every value of float32 ``x`` is finite. A float64 sum of float32 values cannot
+    overflow, so it is finite iff every value is: one pass without a boolean temporary."""
+    return bool(np.isfinite(np.sum(x, dtype=np.float64)))
 
 
 def validate(base: LeafSource, models: Sequence[LeafSource]) -> tuple[list[str], list[str]]:
