@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
 
 
@@ -31,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
 
     check_out(args.out, [args.src], overwrite=args.overwrite)
     out = convert(args.src, args.out, to=args.to, vision_only=args.vision_only,
-                  allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+                  allow_pickle=args.allow_pickle, overwrite=args.overwrite, act=args.act)
     print(f"wrote {out}")
     return 0

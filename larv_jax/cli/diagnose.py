@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
                         "always when it is or holds an input)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (default: refuse)")
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
 
 
@@ -56,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--models: give at least one fine-tuned checkpoint")
     check_out(args.out, [args.base, *args.models], overwrite=args.overwrite)
     t0 = time.perf_counter()
-    base = load_checkpoint(args.base)
-    models = [load_checkpoint(m) for m in args.models]
+    base = load_checkpoint(args.base, act=args.act)
+    # fine-tunes share the base's architecture: its activation, unless --act says otherwise
+    models = [load_checkpoint(m, act=args.act or base.config.vision.act) for m in args.models]
     # The merge checks keys, shapes and finiteness of every input (errors name the file and key).
     res = merge_delta(base, models, args.method, hash_inputs=False)
     delta = res.delta

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
 
 
@@ -120,14 +123,16 @@ def run(args: argparse.Namespace) -> int:
         corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()]
         for c in corruptions:
             corr_lib.get_corruption(c)  # validate names before any work
-    clip_cfg, clip_params = load_params(args.clip, allow_pickle=args.allow_pickle)
+    clip_cfg, clip_params = load_params(args.clip, allow_pickle=args.allow_pickle, act=args.act)
     if not clip_cfg.has_text or not clip_cfg.has_projection:
         raise ValueError(f"--clip {args.clip}: needs a CLIPModel (text tower + projections)")
     tokenizer = load_tokenizer(args.clip, context_length=clip_cfg.text.context_length)
     model_path = args.model or args.clip
 
     def vision(path: Path) -> dict[str, Any]:
-        cfg, params = load_params(path, allow_pickle=args.allow_pickle)
+        # fine-tunes share --clip's architecture: its activation, unless --act says otherwise
+        cfg, params = load_params(path, allow_pickle=args.allow_pickle,
+                                  act=args.act or clip_cfg.vision.act)
         if cfg.vision != clip_cfg.vision:
             raise ValueError(f"{path}: vision tower {cfg.vision} does not match --clip's "
                              f"{clip_cfg.vision}")

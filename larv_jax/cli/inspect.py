@@ -16,14 +16,17 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
 
 
-def describe(path: Path, *, allow_pickle: bool = False) -> dict:
+def describe(path: Path, *, allow_pickle: bool = False, act: str | None = None) -> dict:
     from larv_jax import tree
     from larv_jax.checkpoint.convert import open_any
 
-    config, flat, fmt, dtype = open_any(path, allow_pickle=allow_pickle)
+    config, flat, fmt, dtype = open_any(path, allow_pickle=allow_pickle, act=act)
     kind = ("CLIPModel" if config.has_text else
             "CLIPVisionModelWithProjection" if config.has_projection else "CLIPVisionModel")
     v = config.vision
@@ -31,6 +34,7 @@ def describe(path: Path, *, allow_pickle: bool = False) -> dict:
         "path": str(path), "format": fmt, "architecture": config.name, "model": kind,
         "vision": f"width {v.width}, {v.layers} blocks, {v.heads} heads, patch {v.patch_size}, "
                   f"image {v.image_size}",
+        "act": v.act,
         "text": (f"width {config.text.width}, {config.text.layers} blocks, vocab "
                  f"{config.text.vocab_size}" if config.text else None),
         "embed_dim": config.embed_dim, "source_dtype": dtype,
@@ -43,11 +47,11 @@ def describe(path: Path, *, allow_pickle: bool = False) -> dict:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    info = describe(args.path, allow_pickle=args.allow_pickle)
+    info = describe(args.path, allow_pickle=args.allow_pickle, act=args.act)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("path", "format", "architecture", "model", "vision", "text", "embed_dim",
+    for key in ("path", "format", "architecture", "model", "vision", "act", "text", "embed_dim",
                 "source_dtype"):
         if info[key] is not None:
             print(f"{key:>13}: {info[key]}")
