@@ -159,9 +159,12 @@ def load_torch_file(file: Path, *, allow_pickle: bool = False) -> DictSource:
         raise ImportError(f"{file}: reading torch files needs torch "
                           "(pip install torch==2.13.0, or the larv_jax[torch] extra)") from None
     obj = None
-    torchscript = False
+    torchscript = _is_torchscript(file)
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=not allow_pickle)
+        if torchscript:  # torch.load would only warn and dispatch to torch.jit.load
+            obj = torch.jit.load(str(file), map_location="cpu").state_dict()
+        else:
+            obj = torch.load(file, map_location="cpu", weights_only=not allow_pickle)
     except RuntimeError as e:
         if "TorchScript" in str(e) or "constants.pkl" in str(e):
             obj = torch.jit.load(str(file), map_location="cpu").state_dict()
@@ -190,6 +193,19 @@ def load_torch_file(file: Path, *, allow_pickle: bool = False) -> DictSource:
             v = v.float()
         tensors[k] = v.numpy()
     return DictSource(_strip_common_prefix(tensors), file, torchscript=torchscript)
+
+
+def _is_torchscript(file: Path) -> bool:
+    """A TorchScript archive (OpenAI's released ``.pt`` files): a zip holding
+    ``<name>/constants.pkl`` and ``<name>/code/``, which a plain ``torch.save`` never writes."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def _strip_common_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
