@@ -12,9 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # torch is pinned first: the CPU build 2.13.0; an unpinned torch pulls several GB of CUDA packages.
+# open_clip_torch, the open_clip parity tests' reference, without its dependencies: they would pull
+# PyPI's torchvision, a CUDA build that does not load with the CPU torch (the tests need none of it).
 $(VENV)/.dev: $(VENV)/.installed
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $@
 
 install: $(VENV)/.installed

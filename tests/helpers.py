@@ -111,3 +111,67 @@ def larv_reference(base, tau, merge, *, gate, apply="post", svc=None, svc_order=
     p = plan(base, delta, gate=gate, **plan_kwargs)
     return apply_plan(base, delta, p, mode=apply, merge=merge, tau=tau, svc=svc,
                       svc_order=svc_order), p
+
+
+def import_open_clip():
+    """``open_clip`` (open_clip_torch, the reference for the open_clip parity tests), or None
+    when it is not installed.
+
+    open_clip imports torchvision at module level (``utils.py``: ``FrozenBatchNorm2d``, for
+    ResNets; ``transform.py``: the image transforms), and PyPI's torchvision wheels are CUDA
+    builds that fail to load with the CPU torch. Neither is on the ViT path the tests run
+    (``create_model``, ``encode_image``, ``encode_text``), so where torchvision does not import,
+    placeholder modules stand in for it while open_clip is imported, and are removed from
+    ``sys.modules`` afterwards (nothing else sees them). transformers' torchvision check is run
+    first, so its cached answer is the real one."""
+    import importlib.machinery
+    import sys
+    import types
+
+    try:
+        import open_clip
+
+        return open_clip
+    except ImportError as e:
+        if "open_clip" in str(e):
+            return None
+        if "torchvision" not in str(e):
+            raise
+    except RuntimeError:  # a torchvision that is installed but cannot load its operators
+        pass
+    for name in [m for m in sys.modules if m.split(".")[0] in ("open_clip", "torchvision")]:
+        del sys.modules[name]
+    import transformers.utils
+
+    transformers.utils.is_torchvision_available()
+
+    class Placeholder(type):
+        def __getattr__(cls, name):  # e.g. InterpolationMode.BICUBIC in default arguments
+            return cls
+
+    def stub(name):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        made: dict[str, type] = {}
+
+        def attr(key):
+            if key.startswith("__"):
+                raise AttributeError(key)
+            return made.setdefault(key, Placeholder(key, (), {}))
+
+        mod.__getattr__ = attr
+        return mod
+
+    names = ["torchvision", "torchvision.ops", "torchvision.ops.misc", "torchvision.transforms",
+             "torchvision.transforms.functional"]
+    stubs = {n: stub(n) for n in names}
+    for n in names[1:]:
+        parent, _, child = n.rpartition(".")
+        setattr(stubs[parent], child, stubs[n])
+    sys.modules.update(stubs)
+    try:
+        import open_clip
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+    return open_clip

@@ -107,7 +107,7 @@ def test_bf16_and_fp16_are_upcast(good, tmp_path):
     sd = load_file(good / "model.safetensors")
     half = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
     save_file(half, str(tmp_path / "bf16.safetensors"))
-    ckpt = load_checkpoint(tmp_path / "bf16.safetensors")
+    ckpt = load_checkpoint(tmp_path / "bf16.safetensors", act="quick_gelu")
     assert ckpt.source_dtype == "bfloat16"
     leaf = ckpt.leaf("visual/ln_pre/scale")
     assert leaf.dtype == np.float32

@@ -156,7 +156,7 @@ def test_openai_state_dict_converts_to_same_tree(hf_clip, tmp_path):
     path, model = hf_clip
     sd = openai_state_dict(model.state_dict())
     torch.save(sd, tmp_path / "openai.pt")
-    ckpt = load_checkpoint(tmp_path / "openai.pt")
+    ckpt = load_checkpoint(tmp_path / "openai.pt", act="quick_gelu")
     assert ckpt.format == "openai" and ckpt.source_dtype == "float16"
     ours = ckpt.flat()
     # the reference: the HF tree rounded through fp16, as the OpenAI archive stores it
@@ -176,7 +176,8 @@ def test_openai_prefixed_module_state_dict(hf_clip, tmp_path):
     sd = {"model." + k: v for k, v in openai_state_dict(model.state_dict()).items()}
     sd["model.attn_mask"] = torch.zeros(16, 16)
     torch.save({"state_dict": sd}, tmp_path / "oc.pt")
-    assert len(load_checkpoint(tmp_path / "oc.pt").paths()) == len(load_checkpoint(path).paths())
+    assert len(load_checkpoint(tmp_path / "oc.pt", act="quick_gelu").paths()) == len(
+        load_checkpoint(path).paths())
 
 
 def test_orbax_roundtrip(hf_clip, tmp_path):

@@ -1,6 +1,7 @@
 """Checkpoint conversion: Hugging Face / OpenAI / open_clip -> Flax params -> Hugging Face; orbax."""
 
 from larv_jax.checkpoint.core import (
+    ActivationWarning,
     Checkpoint,
     load_checkpoint,
     load_params,
@@ -18,6 +19,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "Checkpoint", "load_checkpoint", "load_params", "save_hf", "to_hf_state_dict",
+    "ActivationWarning", "Checkpoint", "load_checkpoint", "load_params", "save_hf", "to_hf_state_dict",
     "save_params", "restore_params",
 ]

@@ -5,10 +5,17 @@ Supported inputs (detected from the file names and keys):
 * a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded
   ``model.safetensors.index.json``, or ``pytorch_model.bin``) of a ``CLIPModel``,
   ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``, keys with or without ``vision_model.``;
+* an open_clip hub directory (``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``,
+  with ``open_clip_config.json`` when present: its ``model_cfg`` gives the architecture and the
+  activation), or one of those files named directly (the config beside it is read);
 * a bare ``.safetensors`` file (the config is inferred from the shapes, with 64-wide heads, as in
   every released CLIP);
 * an OpenAI / open_clip state dict or OpenAI TorchScript archive (``.pt``/``.bin``; fused
-  ``attn.in_proj_weight``; fp16 upcast to float32).
+  ``attn.in_proj_weight``; fp16 upcast to float32), including a bare vision tower
+  (``model.visual.state_dict()``: ``conv1.weight``, ``transformer.resblocks.*``, ``proj``).
+
+The activation (exact GELU or QuickGELU) shows in no weight: see :func:`load_checkpoint`'s
+``act`` for where it is read from, and the warning when nothing says.
 
 Every expected key must be present and every present key used: a missing or unexpected key is a
 ``ValueError`` naming the file and the key.
@@ -43,16 +50,25 @@ class Checkpoint:
         self.origin = Path(origin)
         self.source = source
         keys = set(source.keys())
-        self.format = "openai" if any(k.startswith("visual.") for k in keys) else "hf"
+        # a bare open_clip / OpenAI vision tower (``model.visual.state_dict()``): no prefix
+        bare_visual = "conv1.weight" in keys and not any(k.startswith("visual.") for k in keys)
+        self.format = ("openai" if bare_visual or any(k.startswith("visual.") for k in keys)
+                       else "hf")
         if self.format == "hf":
             self.vision_prefix = "vision_model." if any(
                 k.startswith("vision_model.") for k in keys) else ""
             has_text = any(k.startswith("text_model.") for k in keys)
             has_proj = "visual_projection.weight" in keys
         else:
-            self.vision_prefix = "visual."
-            has_text = "token_embedding.weight" in keys
-            has_proj = "visual.proj" in keys
+            self.vision_prefix = "" if bare_visual else "visual."
+            has_text = not bare_visual and "token_embedding.weight" in keys
+            has_proj = self.vision_prefix + "proj" in keys
+        if bare_visual and config is not None and config.has_text:
+            raise ValueError(f"{origin}: a bare vision-tower state dict (keys without 'visual.', "
+                             "as model.visual.state_dict() saves them) has no text tower, but "
+                             "its config (given, or read beside it) has one: convert the vision "
+                             "tower alone (config.vision_only()), or save the whole model's "
+                             "state dict")
         if not any(k.startswith(self.vision_prefix + ("embeddings." if self.format == "hf"
                                                       else "conv1")) for k in keys):
             raise ValueError(f"{origin}: no CLIP vision tower found (expected keys like "
@@ -70,7 +86,8 @@ class Checkpoint:
                                  has_projection=has_proj)
             ignored = table.HF_IGNORED
         else:
-            rows = table.openai_rows(has_text=has_text, has_projection=has_proj)
+            rows = table.openai_rows(has_text=has_text, has_projection=has_proj,
+                                     vision_prefix=self.vision_prefix)
             ignored = table.OPENAI_IGNORED
         self._index = self._build_index(rows, keys, ignored)
 
@@ -240,10 +257,11 @@ class Checkpoint:
             mlp = src.shape(vp + "encoder.layers.0.mlp.fc1.weight")[0]
             n_vis = layers(vp + "encoder.layers.")
         else:
-            conv = src.shape("visual.conv1.weight")
-            pos = src.shape("visual.positional_embedding")
-            mlp = src.shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
-            n_vis = layers("visual.transformer.resblocks.")
+            vp = self.vision_prefix
+            conv = src.shape(vp + "conv1.weight")
+            pos = src.shape(vp + "positional_embedding")
+            mlp = src.shape(vp + "transformer.resblocks.0.mlp.c_fc.weight")[0]
+            n_vis = layers(vp + "transformer.resblocks.")
         width, channels, patch = conv[0], conv[1], conv[-1]
         grid = int(round((pos[0] - 1) ** 0.5))
         vision = VisionConfig(width=width, layers=n_vis, heads=max(1, width // 64), mlp_dim=mlp,
@@ -266,13 +284,56 @@ class Checkpoint:
                               vocab_size=tok[0], context_length=ctx, eos_token_id=tok[0] - 1)
         elif has_proj:
             embed = (src.shape("visual_projection.weight")[0] if self.format == "hf"
-                     else src.shape("visual.proj")[1])
+                     else src.shape(self.vision_prefix + "proj")[1])
         return CLIPConfig(vision=vision, text=text, embed_dim=embed,
                           name=cfgmod.guess_name(vision))
 
 
+# Weight files a directory may hold, in the order tried; the open_clip ones are what an
+# ``hf-hub:laion/...`` / DataComp repo holds, with ``open_clip_config.json`` beside them.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "open_clip_pytorch_model.bin")
+                "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+class ActivationWarning(UserWarning):
+    """A checkpoint's activation was assumed (the file does not say) or overridden by ``act``."""
+
+
+def _config_for(path: Path, weights: Path) -> tuple[CLIPConfig | None, str | None]:
+    """The config file that goes with ``weights`` and what it says: ``(config, where)``; open_clip
+    weights take ``open_clip_config.json`` (else ``config.json``), the others ``config.json``."""
+    folder = path if path.is_dir() else weights.parent
+    if weights.name in OPEN_CLIP_WEIGHTS and (folder / OPEN_CLIP_CONFIG).exists():
+        f = folder / OPEN_CLIP_CONFIG
+        return cfgmod.read_open_clip_config(f), f"{f} (model_cfg.quick_gelu)"
+    if path.is_dir() and (path / "config.json").exists():
+        return cfgmod.read_hf_config(path / "config.json"), f"{path / 'config.json'} (hidden_act)"
+    return None, None
+
+
+def _resolve_act(ckpt: Checkpoint, act: str | None, known: str | None) -> None:
+    """Set ``ckpt.config``'s activation: ``act`` when given (a warning when it contradicts what
+    the file says), else what ``known`` (a description of the file's own word) vouches for, else
+    QuickGELU with an :class:`ActivationWarning` naming the file and the assumption."""
+    import warnings
+
+    have = ckpt.config.vision.act
+    if act is not None:
+        if known is not None and have != act:
+            warnings.warn(f"{ckpt.origin}: using act={act!r} as given (--act), not {have!r} "
+                          f"from {known}", ActivationWarning, stacklevel=3)
+        ckpt.config = cfgmod.with_act(ckpt.config, act)
+        return
+    if known is None:
+        warnings.warn(
+            f"{ckpt.origin}: the file does not say which activation the model uses; assuming "
+            "quick_gelu (OpenAI CLIP, open_clip's *-quickgelu models). open_clip's default "
+            "configs (ViT-B-32, ViT-B-16, ...: LAION-2B, DataComp weights) use exact GELU: pass "
+            "--act gelu (act='gelu' in Python) for those; --act quick_gelu silences this",
+            ActivationWarning, stacklevel=3)
+        ckpt.config = cfgmod.with_act(ckpt.config, "quick_gelu")
 
 
 def _refuse_dangling(path: Path) -> None:
@@ -288,13 +349,24 @@ def _refuse_dangling(path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
-                    config: CLIPConfig | None = None) -> Checkpoint:
+                    config: CLIPConfig | None = None, act: str | None = None) -> Checkpoint:
     """Open a checkpoint (see module docstring) lazily.
 
-    ``config`` overrides the ``config.json`` / shape inference (the head count cannot be read off
-    the weights: inference assumes 64-wide heads, true for every released CLIP)."""
+    ``config`` overrides the ``config.json`` / ``open_clip_config.json`` / shape inference (the
+    head count cannot be read off the weights: inference assumes 64-wide heads, true for every
+    released CLIP).
+
+    ``act`` (``"gelu"``: exact erf GELU, torch's ``nn.GELU()``; ``"quick_gelu"``) is the towers'
+    activation, which no weight shows. ``None`` takes it from the file: ``config.json``'s
+    ``hidden_act``, ``open_clip_config.json``'s ``model_cfg.quick_gelu`` (absent or false: exact
+    GELU, as open_clip reads it), QuickGELU for an OpenAI TorchScript archive or a given
+    ``config``; where the file gives no way to know (a bare ``.safetensors``, a ``.pt`` / ``.bin``
+    state dict) QuickGELU with an :class:`ActivationWarning` naming the file. An ``act`` that
+    contradicts the file's own config wins, with an :class:`ActivationWarning` naming both."""
     path = Path(path)
     _refuse_dangling(path)
+    if act is not None:
+        cfgmod.check_act(act)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -305,10 +377,11 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
             raise FileNotFoundError(f"{path}: directory holds no weights (looked for "
                                     f"{', '.join(WEIGHT_FILES)})")
         weights = found[0]
-        if config is None and (path / "config.json").exists():
-            config = cfgmod.read_hf_config(path / "config.json")
     else:
         weights = path
+    known = "the config given" if config is not None else None
+    if config is None:
+        config, known = _config_for(path, weights)
     if weights.name.endswith(".index.json"):
         try:
             weight_map = json.loads(weights.read_text())["weight_map"]
@@ -324,14 +397,19 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
         source = SafetensorsSource([weights])
     elif weights.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         source = load_torch_file(weights, allow_pickle=allow_pickle)
+        if known is None and getattr(source, "torchscript", False):
+            known = "an OpenAI TorchScript archive (QuickGELU)"
     else:
         raise ValueError(f"{weights}: unknown checkpoint format (expected a directory, "
                          ".safetensors, or .pt/.bin)")
-    return Checkpoint(source, config, path)
+    ckpt = Checkpoint(source, config, path)
+    _resolve_act(ckpt, act, known)
+    return ckpt
 
 
 def load_params(path: str | Path, **kw) -> tuple[CLIPConfig, dict[str, Any]]:
-    """Read a whole checkpoint: ``(config, params)`` with numpy float32 leaves."""
+    """Read a whole checkpoint: ``(config, params)`` with numpy float32 leaves (keywords as
+    :func:`load_checkpoint`'s: ``allow_pickle``, ``config``, ``act``)."""
     ckpt = load_checkpoint(path, **kw)
     return ckpt.config, ckpt.params()
 

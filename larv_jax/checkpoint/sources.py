@@ -128,11 +128,13 @@ def _read_header(file: Path) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]
 
 
 class DictSource:
-    """An in-memory state dict of numpy arrays (from torch files)."""
+    """An in-memory state dict of numpy arrays (from torch files). ``torchscript``: it came
+    from a TorchScript archive (OpenAI's released ``.pt`` files, which are QuickGELU models)."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], file: Path):
+    def __init__(self, tensors: dict[str, np.ndarray], file: Path, *, torchscript: bool = False):
         self.files = [Path(file)]
         self._t = tensors
+        self.torchscript = torchscript
 
     def keys(self) -> list[str]:
         return list(self._t)
@@ -157,11 +159,16 @@ def load_torch_file(file: Path, *, allow_pickle: bool = False) -> DictSource:
         raise ImportError(f"{file}: reading torch files needs torch "
                           "(pip install torch==2.13.0, or the larv_jax[torch] extra)") from None
     obj = None
+    torchscript = _is_torchscript(file)
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=not allow_pickle)
+        if torchscript:  # torch.load would only warn and dispatch to torch.jit.load
+            obj = torch.jit.load(str(file), map_location="cpu").state_dict()
+        else:
+            obj = torch.load(file, map_location="cpu", weights_only=not allow_pickle)
     except RuntimeError as e:
         if "TorchScript" in str(e) or "constants.pkl" in str(e):
             obj = torch.jit.load(str(file), map_location="cpu").state_dict()
+            torchscript = True
         else:
             raise ValueError(f"{file}: cannot read torch file ({e})") from None
     except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError and others)
@@ -185,7 +192,20 @@ def load_torch_file(file: Path, *, allow_pickle: bool = False) -> DictSource:
         if v.dtype == torch.bfloat16:
             v = v.float()
         tensors[k] = v.numpy()
-    return DictSource(_strip_common_prefix(tensors), file)
+    return DictSource(_strip_common_prefix(tensors), file, torchscript=torchscript)
+
+
+def _is_torchscript(file: Path) -> bool:
+    """A TorchScript archive (OpenAI's released ``.pt`` files): a zip holding
+    ``<name>/constants.pkl`` and ``<name>/code/``, which a plain ``torch.save`` never writes."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def _strip_common_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -119,10 +119,13 @@ OPENAI_TEXT = [
 OPENAI_IGNORED = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
-def openai_rows(*, has_text: bool, has_projection: bool) -> list[tuple[str, str, str]]:
-    rows = list(OPENAI_VISION)
-    if has_projection:
-        rows += OPENAI_VISION_PROJ
+def openai_rows(*, has_text: bool, has_projection: bool, vision_prefix: str = "visual."
+                ) -> list[tuple[str, str, str]]:
+    """Rows for an OpenAI / open_clip state dict whose vision keys start with ``vision_prefix``
+    (``""``: a bare ``model.visual.state_dict()``, which has no text tower)."""
+    rows = list(OPENAI_VISION) + (OPENAI_VISION_PROJ if has_projection else [])
+    if vision_prefix != "visual.":
+        rows = [(vision_prefix + s.removeprefix("visual."), p, t) for s, p, t in rows]
     if has_text:
         rows += OPENAI_TEXT
     return rows

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                    help="keep only the vision tower (CLIPVisionModel); default: keep everything")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
     add_output_arguments(p, required=True, help="output directory, written atomically "
                                                 "(required)")
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     rep.input("checkpoint", args.src)
     with rep.phase("convert_s"):
         out = convert(args.src, args.out, to=args.to, vision_only=args.vision_only,
-                      allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+                      allow_pickle=args.allow_pickle, overwrite=args.overwrite, act=args.act)
     rep.output(out)
     rep.results.update(to=args.to, vision_only=args.vision_only, out=str(out))
     print(f"wrote {out}")

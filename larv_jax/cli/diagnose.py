@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, default=64, help="randomized SVD rank (default 64)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the sketch (default 0)")
     add_dry_run_argument(p)
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
     add_output_arguments(p, required=True,
                          help="output directory (required; refused when it exists, unless "
@@ -63,8 +66,10 @@ def plan(args: argparse.Namespace) -> DiagnosePlan:
     if not args.models:
         raise ValueError("--models: give at least one fine-tuned checkpoint")
     check_out(args.out, [args.base, *args.models], overwrite=args.overwrite)
-    prepared = engine.prepare(load_checkpoint(args.base),
-                              [load_checkpoint(m) for m in args.models], args.method)
+    base = load_checkpoint(args.base, act=args.act)
+    # fine-tunes share the base's architecture: its activation, unless --act says otherwise
+    models = [load_checkpoint(m, act=args.act or base.config.vision.act) for m in args.models]
+    prepared = engine.prepare(base, models, args.method)
     base = prepared.base
     # Units over the vision leaves the merge covers (leaves the models lack, e.g. a vision-only
     # fine-tune's missing projection, have no update), as `larv merge --larv` does.

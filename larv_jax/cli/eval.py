@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow whole-module torch pickles (executes code; trusted files only)")
     add_dry_run_argument(p)
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
     add_output_arguments(p, required=True,
                          help="output directory for eval.json and eval.md (required)",
@@ -144,14 +147,16 @@ def plan(args: argparse.Namespace) -> EvalPlan:
     check_out(args.out, [args.clip, model_path, *ft_dirs.values()], overwrite=True)
     if (args.out / "eval.json").exists() and not args.overwrite:
         raise FileExistsError(f"{args.out / 'eval.json'} exists (pass --overwrite to replace it)")
-    clip = load_checkpoint(args.clip, allow_pickle=args.allow_pickle)
+    clip = load_checkpoint(args.clip, allow_pickle=args.allow_pickle, act=args.act)
     clip_cfg = clip.config
     if not clip_cfg.has_text or not clip_cfg.has_projection:
         raise ValueError(f"--clip {args.clip}: needs a CLIPModel (text tower + projections)")
     tokenizer = load_tokenizer(args.clip, context_length=clip_cfg.text.context_length)
 
     def vision(path: Path):
-        ckpt = load_checkpoint(path, allow_pickle=args.allow_pickle)
+        # fine-tunes share --clip's architecture: its activation, unless --act says otherwise
+        ckpt = load_checkpoint(path, allow_pickle=args.allow_pickle,
+                               act=args.act or clip_cfg.vision.act)
         if ckpt.config.vision != clip_cfg.vision:
             raise ValueError(f"{path}: vision tower {ckpt.config.vision} does not match --clip's "
                              f"{clip_cfg.vision}")

@@ -6,6 +6,8 @@ and score options), ``--larv-apply post|pre``, ``--larv-granularity module|block
 ``--larv-mode randomized|exact``, ``--larv-base-mode exact|randomized``, ``--larv-seed N``,
 ``--larv-k/p/q``, ``--larv-svc-order svc_first|larv_first``.
 
+``--act gelu|quick_gelu`` (:func:`add_act_argument`) is on every command that reads checkpoints.
+
 Module-level imports stay light (argparse): CLI modules are all imported to build the parser.
 """
 
@@ -45,6 +47,25 @@ def parse_key_values(items: Sequence[str] | None, flag: str = "--set", *,
         except (SyntaxError, ValueError):
             out[key] = raw
     return out
+
+
+ACT_HELP = ("the towers' activation, which no weight shows: gelu (exact erf GELU: open_clip's "
+            "default configs ViT-B-32, ViT-B-16, ..., e.g. LAION-2B and DataComp weights) or "
+            "quick_gelu (OpenAI CLIP, open_clip's *-quickgelu models). Default: what the "
+            "checkpoint says (config.json hidden_act, open_clip_config.json model_cfg.quick_gelu, "
+            "QuickGELU for an OpenAI TorchScript archive), else quick_gelu with a warning; "
+            "fine-tuned models take the base's (--base, --clip). Given, it applies to every "
+            "checkpoint the command reads and wins over the files' configs (a warning names both "
+            "where they differ)")
+
+
+def add_act_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--act gelu|quick_gelu`` (default None: read from each checkpoint) to ``parser``:
+    every command that reads checkpoints calls this, and passes ``args.act`` on as ``act=``."""
+    from larv_jax.models.config import ACTS
+
+    parser.add_argument("--act", choices=ACTS, default=None, help=ACT_HELP)
+    return parser
 
 
 def add_larv_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

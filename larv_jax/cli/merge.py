@@ -44,11 +44,14 @@ def add_parser(sub) -> None:
 
     add_larv_arguments(p)
     add_dry_run_argument(p)
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
     add_output_arguments(p, required=True, help="output directory (HF format; required)")
 
 
-def _start_base_cache(base_path: Path, units, lk: dict):
+def _start_base_cache(base_path: Path, units, lk: dict, act: str):
     """The LARV base cache (r_eff(theta0) and the base Grams, ~2 s for ViT-B/32), started in a
     background thread: it depends on theta0 and the units alone, so its eigenvalue and matrix
     work overlaps the merge's streaming reads. The thread opens its own view of ``base_path``.
@@ -65,7 +68,7 @@ def _start_base_cache(base_path: Path, units, lk: dict):
         from larv_jax.checkpoint import load_checkpoint
 
         t0 = time.perf_counter()
-        base_flat = load_checkpoint(base_path).flat(native=True)
+        base_flat = load_checkpoint(base_path, act=act).flat(native=True)
         cache = dg.base_cache(base_flat, units, mode=lk["base_mode"],
                               key=jax.random.PRNGKey(lk["seed"]), store=base_cache_dir())
         jax.block_until_ready([x for x in (*cache.reff, *cache.norm, *cache.gram)
@@ -126,8 +129,10 @@ def plan(args: argparse.Namespace) -> MergePlan:
         L.check_modes(lk["apply"], lk["svc_order"], args.svc)  # before the (slow) merge
         needs_diag = L.needs_diagnostics(lk["gate"])
     svc_later = larv_on and args.svc and lk["svc_order"] == "larv_first"
-    prepared = engine.prepare(load_checkpoint(args.base), [load_checkpoint(m) for m in args.models],
-                              args.method, svc=args.svc and not svc_later,
+    base = load_checkpoint(args.base, act=args.act)
+    # fine-tunes share the base's architecture: its activation, unless --act says otherwise
+    models = [load_checkpoint(m, act=args.act or base.config.vision.act) for m in args.models]
+    prepared = engine.prepare(base, models, args.method, svc=args.svc and not svc_later,
                               svc_alpha=args.svc_alpha, **hparams)
     base = prepared.base
     shapes = {p: tuple(base.shape(p)) for p in base.paths()}
@@ -207,7 +212,7 @@ def execute(args: argparse.Namespace, p: MergePlan) -> int:
         from larv_jax.larv import plan as L
     prefetched = None
     if larv_on and needs_diag:
-        prefetched = _start_base_cache(args.base, units, lk)
+        prefetched = _start_base_cache(args.base, units, lk, base.config.vision.act)
     delta, report_ = merge_delta(base, models, args.method, svc=args.svc and not svc_later,
                                  svc_alpha=args.svc_alpha, hash_inputs=not args.no_hash,
                                  **hparams)

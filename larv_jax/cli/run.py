@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
                    help="where the checkpoints are (default: the config's checkpoint_dir)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved grid and checkpoint paths, run nothing (default: off)")
+    from larv_jax.cli.flags import add_act_argument
+
+    add_act_argument(p)
     add_common_arguments(p)
     add_output_arguments(p, help="output directory (default: the config's out_dir)",
                          overwrite_help="replace an existing results.jsonl in the output "
@@ -189,9 +192,12 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.merging import bind, bind_svc, task_vectors
 
     t0 = time.perf_counter()
-    base_ckpt = load_checkpoint(base_path)
+    base_ckpt = load_checkpoint(base_path, act=args.act)
     base_flat = base_ckpt.flat()
-    tau = task_vectors(base_ckpt, model_paths)  # one leaf of each model at a time
+    # fine-tunes share the base's architecture: its activation, unless --act says otherwise
+    models = [load_checkpoint(m, act=args.act or base_ckpt.config.vision.act)
+              for m in model_paths]
+    tau = task_vectors(base_ckpt, models)  # one leaf of each model at a time
     print(f"  task vectors: {len(tau)} leaves x {len(model_paths)} models "
           f"({time.perf_counter() - t0:.1f} s)")
     write_json(out_dir / "config.json", config.to_dict())

@@ -258,6 +258,128 @@ def to_hf_dict(cfg: CLIPConfig) -> dict[str, Any]:
             "initializer_factor": 1.0, "vision_config": vision, "text_config": text}
 
 
+# --- activations --------------------------------------------------------------------------------
+# What ``act=`` / ``--act`` accept: exact (erf) GELU, torch's ``nn.GELU()`` (open_clip's default
+# configs: ViT-B-32, ViT-B-16, ... with LAION-2B and DataComp weights), and QuickGELU
+# ``x * sigmoid(1.702 x)`` (OpenAI CLIP, open_clip's ``*-quickgelu`` configs, every
+# ``openai/clip-vit-*`` Hugging Face model).
+ACTS = ("gelu", "quick_gelu")
+
+
+def check_act(act: str, where: str = "act") -> str:
+    if act not in ACTS:
+        raise ValueError(f"{where} must be one of {list(ACTS)}; got {act!r}")
+    return act
+
+
+def with_act(cfg: CLIPConfig, act: str) -> CLIPConfig:
+    """``cfg`` with both towers' activation set to ``act``."""
+    check_act(act)
+    return dataclasses.replace(
+        cfg, vision=dataclasses.replace(cfg.vision, act=act),
+        text=None if cfg.text is None else dataclasses.replace(cfg.text, act=act))
+
+
+# --- open_clip (``open_clip_config.json`` of an hf-hub:... repo) -------------------------------
+# Options of open_clip's CLIPVisionCfg / CLIPTextCfg that change the computation without
+# changing the state dict's keys; larv converts the plain CLIP ViT, so each must keep its default
+# (options that add keys, e.g. LayerScale's ``ls_init_value``, are refused by the key check too).
+_OC_VISION_DEFAULTS = {
+    "ls_init_value": None, "patch_dropout": _MISSING, "attentional_pool": False,
+    "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False,
+    "pool_type": "tok", "act_kwargs": None, "norm_kwargs": None, "qk_norm": False,
+    "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
+    "scale_attn": False, "scale_fc": False, "timm_model_name": None, "output_tokens": _MISSING,
+}
+_OC_TEXT_DEFAULTS = {
+    "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
+    "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False,
+    "proj_type": "linear", "act_kwargs": None, "norm_kwargs": None, "qk_norm": False,
+    "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
+    "scale_attn": False, "scale_fc": False, "hf_model_name": None, "output_tokens": _MISSING,
+}
+_OC_MODEL_DEFAULTS = {"custom_text": False, "init_logit_bias": None, "multimodal_cfg": None}
+
+
+def _oc_plain(d: dict[str, Any], defaults: dict[str, Any], where: str, source: str) -> None:
+    for key, default in defaults.items():
+        if default is _MISSING or key not in d or d[key] == default:
+            continue
+        raise ValueError(f"{source}: {where}.{key} = {d[key]!r} is not supported (larv converts "
+                         f"plain CLIP ViTs; it must be {default!r} or absent)")
+
+
+def from_open_clip_dict(d: Any, source: str = "open_clip_config.json") -> CLIPConfig:
+    """Parse open_clip's ``open_clip_config.json`` (``{"model_cfg": {...}, "preprocess_cfg":
+    ...}``, or a bare model config such as open_clip's ``model_configs/ViT-B-32.json``).
+
+    Defaults are open_clip's own (``CLIPVisionCfg`` / ``CLIPTextCfg``: head_width 64, mlp_ratio 4,
+    patch 16, image 224; text width 512, 8 heads, 12 layers, context 77, vocab 49408). The
+    activation follows open_clip's ``CLIP(quick_gelu=False)``: ``model_cfg.quick_gelu`` true is
+    QuickGELU, false or absent exact GELU. Every field read is checked; a ValueError names
+    ``source`` and the field (``model_cfg.vision_cfg.width``, ...)."""
+    d = _section(d, None, source)
+    top = "model_cfg" if "model_cfg" in d else "the config"
+    m = _section(d, "model_cfg", source) if "model_cfg" in d else d
+    where = "model_cfg" if "model_cfg" in d else "config"
+    if "vision_cfg" not in m:
+        raise ValueError(f"{source}: {top} lacks key 'vision_cfg' (not an open_clip model config)")
+    quick = m.get("quick_gelu", False)
+    if not isinstance(quick, bool):
+        raise ValueError(f"{source}: {where}.quick_gelu must be true or false; got {quick!r}")
+    act = "quick_gelu" if quick else "gelu"
+    _oc_plain(m, _OC_MODEL_DEFAULTS, where, source)
+    embed = _num(m, "embed_dim", where, source)
+
+    vw = f"{where}.vision_cfg"
+    vd = _section(m, "vision_cfg", source)
+    _oc_plain(vd, _OC_VISION_DEFAULTS, vw, source)
+    n = lambda key, **kw: _num(vd, key, vw, source, **kw)  # noqa: E731
+    image = vd.get("image_size", 224)
+    if isinstance(image, list) and len(image) == 2 and image[0] == image[1]:
+        image = image[0]
+    width = n("width", default=768)
+    head_width = n("head_width", default=64)
+    if width % head_width:
+        raise ValueError(f"{source}: {vw}.width {width} is not divisible by {vw}.head_width "
+                         f"{head_width}")
+    mlp = width * n("mlp_ratio", kind=float, default=4.0)
+    if not mlp.is_integer():
+        raise ValueError(f"{source}: {vw}.mlp_ratio gives a fractional MLP width {mlp}")
+    vision = VisionConfig(
+        width=width, layers=n("layers", default=12), heads=width // head_width,
+        mlp_dim=int(mlp), act=act, image_size=_num({"image_size": image}, "image_size", vw, source),
+        patch_size=n("patch_size", default=16), channels=3)
+    if vision.image_size % vision.patch_size:
+        raise ValueError(f"{source}: {vw}.image_size {vision.image_size} is not divisible by "
+                         f"{vw}.patch_size {vision.patch_size}")
+
+    tw = f"{where}.text_cfg"
+    td = _section(m, "text_cfg", source)
+    _oc_plain(td, _OC_TEXT_DEFAULTS, tw, source)
+    n = lambda key, **kw: _num(td, key, tw, source, **kw)  # noqa: E731
+    twidth = n("width", default=512)
+    tmlp = twidth * n("mlp_ratio", kind=float, default=4.0)
+    if not tmlp.is_integer():
+        raise ValueError(f"{source}: {tw}.mlp_ratio gives a fractional MLP width {tmlp}")
+    vocab = n("vocab_size", default=49408)
+    # open_clip pools at the highest token id (pool_type 'argmax'): the EOT token, the last id
+    text = TextConfig(width=twidth, layers=n("layers", default=12), heads=n("heads", default=8),
+                      mlp_dim=int(tmlp), act=act, vocab_size=vocab,
+                      context_length=n("context_length", default=77), eos_token_id=vocab - 1)
+    if text.width % text.heads:
+        raise ValueError(f"{source}: {tw}.width {text.width} is not divisible by {tw}.heads "
+                         f"{text.heads}")
+    return CLIPConfig(vision=vision, text=text, embed_dim=embed, name=guess_name(vision))
+
+
+def read_open_clip_config(path: str | Path) -> CLIPConfig:
+    from larv_jax.io import read_json
+
+    return from_open_clip_dict(read_json(path, missing="no open_clip_config.json"),
+                               source=str(path))
+
+
 def guess_name(v: VisionConfig) -> str:
     for name, preset in PRESETS.items():
         pv = preset.vision
