@@ -233,7 +233,7 @@ def test_cli_merge_larv_base_cache_prefetch(tmp_path, monkeypatch):
     assert threads == ["larv-base-cache_0"]              # once, in the background thread
     assert report["larv"]["base_cache_overlapped_s"] > 0
 
-    def failed(base_path, units, lk):
+    def failed(base_path, units, lk, act):
         fut = Future()
         fut.set_exception(RuntimeError("prefetch failed"))
         return fut
