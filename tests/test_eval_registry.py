@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -95,6 +97,8 @@ def test_emnist_letters_label_map_and_transpose():
 @pytest.mark.parametrize("name", TFDS_TASKS)
 def test_mock_data_through_pipeline(name):
     task = get_task(name)
+    if task.builder is not None:  # open_source registers it; tfds.builder below runs first
+        importlib.import_module(task.builder)
     with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
         info = tfds.builder(task.source).info
         n_source = info.features["label"].num_classes
@@ -109,3 +113,44 @@ def test_mock_data_through_pipeline(name):
     assert out[1]["mask"][1:].sum() == 0  # 5 examples: the last batch has 1 real + 3 padding
     if task.label_map is None:
         assert out[0]["mask"].all() and out[1]["mask"][0]
+
+
+def test_zoo_task_names_and_suite(tmp_path):
+    """zoo/<task> names resolve to the zoo's TFDS datasets under the zoo's own name; the zoo
+    suite is the zoo tasks prepared under --data-dir (a zoo's data/ or the zoo itself), in the
+    zoo's order; a bare zoo name, an unknown one, a duplicate or a directory without zoo data is
+    a one-line error naming it."""
+    from larv_jax.eval.tasks import zoo_suite
+    from larv_jax.zoo.tasks import ZOO_TASKS
+
+    t = get_task("zoo/colours")
+    assert (t.name, t.source, t.split) == ("zoo/colours", "larv_zoo/colours", "test")
+    assert t.classnames == ZOO_TASKS["colours"].classnames
+    assert t.templates == ZOO_TASKS["colours"].templates
+    assert resolve_tasks("zoo/digits, mnist") == ("zoo/digits", "mnist")
+    assert resolve_tasks("zoo") == tuple("zoo/" + n for n in ZOO_TASKS)  # no data_dir: all 8
+    with pytest.raises(ValueError, match=r"'colours' is a zoo task: write zoo/colours"):
+        get_task("colours")
+    with pytest.raises(ValueError, match=r"unknown zoo task 'zoo/mnist'"):
+        get_task("zoo/mnist")
+    with pytest.raises(ValueError, match=r"'mnist' given twice"):
+        resolve_tasks("mnist,dtd,mnist")
+
+    # a fake prepared layout: <zoo>/data/larv_zoo/<task>/1.0.0/dataset_info.json
+    zoo = tmp_path / "zoo"
+    for name in ("textures", "colours"):
+        v = zoo / "data" / "larv_zoo" / name / "1.0.0"
+        v.mkdir(parents=True)
+        (v / "dataset_info.json").write_text("{}")
+    (zoo / "data" / "larv_zoo" / "shapes" / "1.0.0").mkdir(parents=True)  # not prepared
+    order = ("zoo/colours", "zoo/textures")  # the zoo's task order, not the directory's
+    assert zoo_suite(zoo) == order and zoo_suite(zoo / "data") == order
+    assert resolve_tasks("zoo", str(zoo)) == order
+    with pytest.raises(FileNotFoundError, match=rf"--data-dir {tmp_path}: no zoo data here"):
+        zoo_suite(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"holds no 'shapes' \(it has \['colours', "
+                                                r"'textures'\]"):
+        data_lib.open_source(get_task("zoo/shapes"), str(zoo))
+    with pytest.raises(ValueError, match=r"'zoo/colours': the zoo's tasks are read from a zoo"):
+        data_lib.open_source(get_task("zoo/colours"), None)
+    assert not any((zoo / "data" / "larv_zoo" / "shapes" / "1.0.0").iterdir())  # nothing written

@@ -166,6 +166,54 @@ def test_finetuning_beats_zero_shot_and_eval_pipeline_agrees(zoo):
             assert abs(r["top1"] - rec[key]) <= 1.0 / n + 1e-9, (task.name, key, r, rec[key])
 
 
+def test_larv_eval_scores_the_zoo_tasks_as_the_build_did(zoo, tmp_path, capsys):
+    """`larv eval --tasks zoo` (the suite: the quick zoo's 3 tasks) and `zoo/<task>` names score
+    the checkpoints on disk to the build's own in-memory accuracies (manifest), with --data-dir
+    the zoo itself or its data/, normalized accuracy from --finetuned; the JSON document has them
+    under the zoo/ names. The zoo's directory is left as it was."""
+    import json
+
+    from larv_jax.cli import main
+
+    _, z = zoo
+    before = sorted(str(p.relative_to(z.root)) for p in z.root.rglob("*"))
+    names = list(z.task_names)
+    rc = main(["eval", "--clip", str(z.pretrained), "--tasks", "zoo", "--data-dir", str(z.root),
+               "--finetuned", *[str(z.finetuned[t]) for t in _zoo_order(names)],
+               "--out", str(tmp_path / "zs"), "--no-progress", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = doc["results"]["tasks"]
+    assert list(got) == ["zoo/" + t for t in _zoo_order(names)]
+    for t in names:
+        rec = z.manifest["tasks"][t]
+        assert abs(got["zoo/" + t] - rec["zero_shot_top1"]) <= 1.0 / rec["n_test"] + 1e-9, t
+    norm = doc["results"]["normalized_average"]
+    want = np.mean([z.manifest["tasks"][t]["zero_shot_top1"] / z.manifest["tasks"][t]
+                    ["finetuned_top1"] for t in names])
+    assert abs(norm - want) <= 0.05, (norm, want)  # each ratio within 1/n of the manifest's
+    t = names[0]
+    rc = main(["eval", "--model", str(z.finetuned[t]), "--clip", str(z.pretrained), "--tasks",
+               f"zoo/{t}", "--data-dir", str(z.data_dir), "--out", str(tmp_path / "ft"),
+               "--no-progress", "--quiet"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "ft" / "eval.json").read_text())
+    rec = z.manifest["tasks"][t]
+    assert rep["tasks"] == [f"zoo/{t}"]
+    assert abs(rep["clean"]["tasks"][f"zoo/{t}"]["top1"] - rec["finetuned_top1"]) <= (
+        1.0 / rec["n_test"] + 1e-9)
+    missing = next(n for n in ZOO_TASKS if n not in names)  # the quick zoo lacks it
+    assert main(["eval", "--clip", str(z.pretrained), "--tasks", f"zoo/{missing}",
+                 "--data-dir", str(z.root), "--out", str(tmp_path / "no")]) == 1
+    assert f"holds no {missing!r}" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert sorted(str(p.relative_to(z.root)) for p in z.root.rglob("*")) == before
+
+
+def _zoo_order(names):
+    return [n for n in ZOO_TASKS if n in names]
+
+
 def test_reuse_rebuild_and_guards(zoo, tmp_path):
     _, z = zoo
     manifest_file = z.root / "manifest.json"

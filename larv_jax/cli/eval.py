@@ -7,6 +7,13 @@ Writes ``<out>/eval.json`` and ``<out>/eval.md`` (atomically): top-1 per task, t
 normalized accuracy (merged / fine-tuned) when fine-tuned models are given, and one column per
 corruption when asked. ``--clip`` is the pretrained CLIPModel directory (text tower, tokenizer,
 visual projection); ``--model`` defaults to it (the zero-shot baseline).
+
+The offline zoo's tasks, as ``larv demo`` scores them: ``zoo/<task>`` names, or ``--tasks zoo``
+for every task of the zoo under ``--data-dir`` (a zoo directory or its ``data/``):
+
+    larv eval --model merged/ --clip results/zoo/pretrained --data-dir results/zoo \\
+        --tasks zoo/colours,zoo/digits \\
+        --finetuned results/zoo/finetuned/colours results/zoo/finetuned/digits --out eval-zoo/
 """
 
 from __future__ import annotations
@@ -27,8 +34,12 @@ def add_parser(sub) -> None:
     p.add_argument("--clip", type=Path, required=True,
                    help="pretrained CLIPModel dir (config.json, weights, tokenizer.json)")
     p.add_argument("--tasks", default="TA8",
-                   help="TA8 | TALL14 | TALL20 | UNSEEN | comma-separated task names")
-    p.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's own)")
+                   help="TA8 | TALL14 | TALL20 | UNSEEN | zoo | comma-separated task names "
+                        "(zoo/<task> for a task of the offline zoo: zoo/colours, ...; the zoo "
+                        "suite is every zoo task under --data-dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="TFDS data_dir (default: TFDS's own); for the zoo's tasks a zoo "
+                        "directory (larv zoo build --out) or its data/ directory")
     p.add_argument("--corruptions", default=None,
                    help="'all' or comma-separated names (motion_blur, impulse_noise, "
                         "gaussian_noise, pixelate, spatter, contrast, jpeg_compression)")
@@ -131,7 +142,7 @@ def plan(args: argparse.Namespace) -> EvalPlan:
     from larv_jax.eval.tasks import get_task, resolve_tasks
     from larv_jax.models.tokenizer import load_tokenizer
 
-    tasks = resolve_tasks(args.tasks)
+    tasks = resolve_tasks(args.tasks, args.data_dir)
     ft_dirs = _finetuned_map(args.finetuned, tasks)
     if args.corruptions in (None, ""):
         corruptions: list[str] = []

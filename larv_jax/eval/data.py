@@ -30,6 +30,21 @@ def open_source(task: Task, data_dir: str | None = None) -> Sequence[dict[str, A
 
     if task.builder is not None:
         importlib.import_module(task.builder)  # registers the local builder with TFDS
+    if data_dir is None and task.source.startswith("larv_zoo/"):
+        raise ValueError(f"task {task.name!r}: the zoo's tasks are read from a zoo: give its "
+                         "directory (larv zoo build --out) as --data-dir (data_dir=)")
+    if data_dir is not None and task.source.startswith("larv_zoo/"):
+        from larv_jax.eval.tasks import zoo_data_root, zoo_tasks_under
+
+        # a zoo's own directory (``larv zoo build --out ZOO``) stands for its ``data/``
+        data_dir = str(zoo_data_root(data_dir) or data_dir)
+        short = task.source.split("/", 1)[1]
+        have = zoo_tasks_under(data_dir)
+        if short not in have:  # checked here: TFDS would leave an empty folder behind
+            raise FileNotFoundError(
+                f"task {task.name!r}: the zoo data under {data_dir} holds no {short!r} (it has "
+                f"{sorted(have) or 'no zoo task'}; the quick zoo has 3 tasks, `larv zoo build` "
+                f"without --quick all 8)")
     try:
         return tfds.data_source(task.source, split=task.split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises assorted types (AssertionError, DatasetNotFoundError, ...)
@@ -98,7 +113,9 @@ def batches(task: Task, source: Sequence[dict[str, Any]], *, batch_size: int, si
     ds = ds.map_with_index(lambda i, ex: prepare_example(task, ex, i, size=size,
                                                          corruption=corruption, seed=seed))
     ds = ds.batch(batch_size, batch_fn=lambda exs: collate(exs, batch_size, size))
-    opts = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=2)
+    threads = max(1, num_threads)
+    # a buffer below the thread count idles threads (and grain warns on every task)
+    opts = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads))
     return iter(ds.to_iter_dataset(opts))
 
 

@@ -14,6 +14,7 @@ re-encoded ``standard-part1-120k`` (same partition); EMNIST-Letters uses TFDS ``
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from larv_jax.eval import classnames as cn
 
@@ -109,26 +110,109 @@ UNSEEN_HELD_OUT = ("mnist", "eurosat")
 ROBUSTNESS_TASKS = ("stanford_cars", "eurosat", "resisc45", "gtsrb")
 
 
+# The offline zoo's tasks (``larv zoo build``): ``zoo/<task>`` names and the ``zoo`` suite, read
+# from the zoo's TFDS data (``larv_zoo/<task>``, test split) under the data_dir: the zoo's ``data``
+# directory or the zoo's own directory (see :func:`larv_jax.eval.data.open_source`).
+ZOO_PREFIX = "zoo/"
+ZOO_SUITE = "zoo"
+
+
+def _zoo_names() -> tuple[str, ...]:
+    from larv_jax.zoo.tasks import ZOO_TASKS
+
+    return tuple(ZOO_TASKS)
+
+
 def get_task(name: str) -> Task:
+    """The task called ``name``: one of :data:`TASKS` or ``zoo/<task>`` (a zoo task, named so in
+    every result)."""
+    if name.startswith(ZOO_PREFIX):
+        short = name[len(ZOO_PREFIX):]
+        if short not in _zoo_names():
+            raise ValueError(f"unknown zoo task {name!r}; valid: "
+                             f"{[ZOO_PREFIX + n for n in _zoo_names()]}")
+        from larv_jax.zoo.tasks import eval_task
+
+        return dataclasses.replace(eval_task(short), name=name)
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; valid: {sorted(TASKS)}") from None
+        hint = ""
+        if name in _zoo_names():
+            hint = (f" ({name!r} is a zoo task: write {ZOO_PREFIX}{name}, or --tasks "
+                    f"{ZOO_SUITE} for every task of the zoo under --data-dir)")
+        raise ValueError(f"unknown task {name!r}{hint}; valid: {sorted(TASKS)}, "
+                         f"{ZOO_PREFIX}<task> for the zoo's tasks, or a suite: "
+                         f"{[*SUITES, 'UNSEEN', ZOO_SUITE]}") from None
 
 
-def resolve_tasks(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """``"TA8"`` / ``"TALL14"`` / ``"TALL20"`` / ``"UNSEEN"`` / ``"a,b"`` / a list -> task names."""
+def zoo_suite(data_dir: str | Path | None = None) -> tuple[str, ...]:
+    """The ``zoo`` suite: ``zoo/<task>`` for every zoo task whose TFDS data lies under
+    ``data_dir`` (a zoo's ``data`` directory or the zoo itself; the quick zoo has three), in the
+    zoo's task order; every zoo task when ``data_dir`` is None. FileNotFoundError naming the
+    directory when it holds no zoo data."""
+    from larv_jax.zoo.tasks import TFDS_NAME
+
+    if data_dir is None:
+        return tuple(ZOO_PREFIX + n for n in _zoo_names())
+    root = zoo_data_root(data_dir)
+    if root is None:
+        raise FileNotFoundError(f"--data-dir {data_dir}: no zoo data here (expected "
+                                f"{Path(data_dir) / TFDS_NAME} or "
+                                f"{Path(data_dir) / 'data' / TFDS_NAME}; build a zoo with "
+                                f"`larv zoo build`)")
+    have = zoo_tasks_under(root)
+    names = tuple(ZOO_PREFIX + n for n in _zoo_names() if n in have)
+    if not names:
+        raise FileNotFoundError(f"{root / TFDS_NAME}: holds none of the zoo's tasks "
+                                f"{list(_zoo_names())}")
+    return names
+
+
+def zoo_data_root(data_dir: str | Path) -> Path | None:
+    """The TFDS data_dir that holds the zoo's datasets for ``data_dir``: itself when it holds
+    ``larv_zoo/``, its ``data/`` subdirectory when it is a zoo's own directory, else None."""
+    from larv_jax.zoo.tasks import TFDS_NAME
+
+    d = Path(data_dir)
+    for cand in (d, d / "data"):
+        if (cand / TFDS_NAME).is_dir():
+            return cand
+    return None
+
+
+def zoo_tasks_under(root: str | Path) -> set[str]:
+    """The zoo tasks whose prepared TFDS data (a version folder with ``dataset_info.json``) lies
+    under the TFDS data_dir ``root``."""
+    from larv_jax.zoo.tasks import TFDS_NAME
+
+    base = Path(root) / TFDS_NAME
+    if not base.is_dir():
+        return set()
+    return {t.name for t in base.iterdir() if t.is_dir()
+            and any((v / "dataset_info.json").is_file() for v in t.iterdir() if v.is_dir())}
+
+
+def resolve_tasks(spec: str | list[str] | tuple[str, ...],
+                  data_dir: str | Path | None = None) -> tuple[str, ...]:
+    """``"TA8"`` / ``"TALL14"`` / ``"TALL20"`` / ``"UNSEEN"`` / ``"zoo"`` / ``"a,b"`` / a list ->
+    task names. ``data_dir`` only matters for ``"zoo"`` (see :func:`zoo_suite`)."""
     if isinstance(spec, str):
         if spec in SUITES:
             return SUITES[spec]
         if spec == "UNSEEN":
             return UNSEEN_MERGED + UNSEEN_HELD_OUT
+        if spec == ZOO_SUITE:
+            return zoo_suite(data_dir)
         spec = [s.strip() for s in spec.split(",") if s.strip()]
     names = tuple(spec)
     if not names:
         raise ValueError("no tasks given")
     for n in names:
         get_task(n)
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"task {dup[0]!r} given twice")
     return names
 
 

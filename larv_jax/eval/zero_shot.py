@@ -139,7 +139,7 @@ def evaluate(vision_params: Mapping[str, Any], clip_params: Mapping[str, Any],
              progress: bool = False, sources: Mapping[str, Sequence[Any]] | None = None,
              ) -> dict[str, Any]:
     """Zero-shot top-1 of a vision tower on ``tasks`` (a suite name, ``"a,b"``, or a list of
-    registry names and/or ``Task`` objects for custom tasks).
+    registry names, ``zoo/<task>`` names and/or ``Task`` objects for custom tasks).
 
     vision_params: tree with ``visual/...`` (the merged tower; ``visual/proj`` ignored);
     clip_params: the pretrained CLIPModel tree (``text/...``, ``visual/proj/kernel``);
@@ -153,7 +153,7 @@ def evaluate(vision_params: Mapping[str, Any], clip_params: Mapping[str, Any],
     Returns ``{"tasks": {name: {"top1", "correct", "n", "seconds"}}, "average": mean top-1,
     "corruption": name | None, "severity": int | None}``.
     """
-    task_list = as_tasks(tasks)
+    task_list = as_tasks(tasks, data_dir)
     corrupt_fn, corrupt_name = _corruption(corruption, severity, corruption_table)
     fingerprint = None
     results: dict[str, Any] = {}
@@ -184,10 +184,11 @@ def evaluate(vision_params: Mapping[str, Any], clip_params: Mapping[str, Any],
             "corruption": corrupt_name, "severity": severity if corrupt_name else None}
 
 
-def as_tasks(tasks: str | Sequence[str | Task]) -> list[Task]:
-    """A suite name, ``"a,b"``, or a sequence of names and/or ``Task`` objects -> tasks."""
+def as_tasks(tasks: str | Sequence[str | Task], data_dir: str | None = None) -> list[Task]:
+    """A suite name, ``"a,b"``, or a sequence of names and/or ``Task`` objects -> tasks
+    (``data_dir``: where the ``zoo`` suite looks for the zoo's tasks)."""
     if isinstance(tasks, str):
-        return [get_task(n) for n in resolve_tasks(tasks)]
+        return [get_task(n) for n in resolve_tasks(tasks, data_dir)]
     out = [t if isinstance(t, Task) else get_task(t) for t in tasks]
     if not out:
         raise ValueError("no tasks given")
