@@ -9,7 +9,7 @@ diagnostics run per merger.
 Expected numbers: none known to this repository yet; with ``eval=True,data_dir=...`` the grid
 reports zero-shot top-1 per task.
 
-Args: as configs/b32_ta8.py (quick, checkpoint_dir, eval, data_dir).
+Args: as configs/b32_ta8.py (quick, checkpoint_dir, eval, data_dir; not best).
 """
 
 import larv_common
@@ -17,6 +17,9 @@ import larv_common
 
 def get_config(arg=None):
     c = larv_common.get_base_config("b32", "ta8", arg)
+    if c.name.endswith("_best"):
+        raise ValueError("'best' is one merge of a base config (configs/b32_ta8.py:best); "
+                         "the ablation grid has no single best cell")
     c.name = "b32_ta8_ablation" + ("_quick" if "quick" in c.name else "")
     c.out_dir = f"results/{c.name}"
     if "quick" not in c.name:

@@ -13,7 +13,9 @@ recorded here). With ``eval=True,data_dir=...`` in the arg the grid also reports
 per task; compare against the LARV paper's Table 1 (ViT-B/32, TALL20) once measured.
 
 Args (comma separated, e.g. ``:quick,checkpoint_dir=/data/ckpt,eval=True,data_dir=/data/tfds``):
-quick (shrink for tests), checkpoint_dir, eval, data_dir.
+quick (shrink for tests), best (one cell, the setting's single best data-free merge:
+Iso-CTS with the tiered gate, ``larv_common.BEST``; for
+``larv merge --config configs/b32_tall20.py:best,checkpoint_dir=...``), checkpoint_dir, eval, data_dir.
 """
 
 import larv_common

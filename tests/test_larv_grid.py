@@ -168,6 +168,10 @@ def test_every_shipped_config_loads():
         assert c.models[0].startswith("tanganke/clip-vit-") and c.base.startswith("openai/")
         q = load_config(name + ":quick")
         assert len(q.models) == 2 and q.diagnostics.k == 4
+        if "ablation" not in name:  # one merge each, for larv merge --config
+            b = load_config(name + ":best")
+            assert [m["method"] for m in b.mergers] == ["iso_cts"] and len(b.models) == len(c.models)
+            assert [g["gate"] for g in b.gates] == ["tiered"] and b.out_dir.endswith("_best")
     c = load_config("configs/l14_tall20.py", ["diagnostics.k=32", "granularity=block"])
     assert c.diagnostics.k == 32 and c.granularity == "block"
     assert c.models[-1] == "tanganke/clip-vit-large-patch14_rendered-sst2"
@@ -187,3 +191,95 @@ def test_resolve_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="org/d"):
         resolve_checkpoint("org/d", tmp_path)
 
+
+
+def _merged_bytes(out):
+    return (out / "model.safetensors").read_bytes()
+
+
+def test_larv_merge_config_is_the_same_merge_as_its_flags(zoo, tmp_path, capsys):
+    """`larv merge --config FILE:ARG` writes, bit for bit, what the flags it stands for write; a
+    flag typed beside it wins over the config's value, `--set` / `--larv-set` extend its
+    options."""
+    root, _, _ = zoo
+    base = root / "openai" / "clip-vit-base-patch32"
+    models = [root / "tanganke" / f"clip-vit-base-patch32_{t}" for t in TASKS]
+    spec = f"configs/b32_ta8.py:quick,best,checkpoint_dir={root}"
+    flags = ["--base", str(base), "--models", *map(str, models)]
+    quick = ["--larv-k", "4", "--larv-p", "2", "--larv-q", "1"]  # the quick arg's sketch
+    assert main(["merge", "--config", spec, "--out", str(tmp_path / "cfg")]) == 0
+    assert main(["merge", *flags, "--method", "iso_cts", "--larv", "tiered", *quick,
+                 "--out", str(tmp_path / "flags")]) == 0
+    assert _merged_bytes(tmp_path / "cfg") == _merged_bytes(tmp_path / "flags")
+    report = json.loads((tmp_path / "cfg" / "merge_report.json").read_text())
+    assert report["config"] == spec and report["method"] == "iso_cts"
+    assert report["larv"]["spec"] == "tiered" and report["larv"]["diagnostics"]["k"] == 4
+    # typed flags replace the config's method and gate
+    assert main(["merge", "--config", spec, "--method", "task_arithmetic", "--larv", "none",
+                 "--scale", "0.5", "--out", str(tmp_path / "ta")]) == 0
+    assert main(["merge", *flags, "--method", "task_arithmetic", "--scale", "0.5",
+                 "--out", str(tmp_path / "ta_flags")]) == 0
+    assert _merged_bytes(tmp_path / "ta") == _merged_bytes(tmp_path / "ta_flags")
+    # a config's method and gate options, extended and overridden by --set / --larv-set
+    cfg = tmp_path / "one_ties.py"  # a config of its own, written without larv_common
+    cfg.write_text(
+        "import ml_collections\n\n\ndef get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict({\n"
+        f"        'base': 'openai/clip-vit-base-patch32', 'checkpoint_dir': {str(root)!r},\n"
+        f"        'models': {[f'tanganke/clip-vit-base-patch32_{t}' for t in TASKS]!r},\n"
+        "        'mergers': [{'method': 'ties', 'options': {'keep': 0.5, 'scale': 0.7}}],\n"
+        "        'gates': [{'gate': 'tiered', 'options': {'tiers': (0.25, 1.0, 2.0)}}],\n"
+        "        'diagnostics': {'k': 4, 'p': 2, 'q': 1}, 'act': 'gelu'})\n")
+    with pytest.warns(UserWarning, match="using act='gelu' as given"):  # the config's act
+        assert main(["merge", "--config", str(cfg), "--set", "keep=0.3", "--larv-set",
+                     "alpha=0.5", "--out", str(tmp_path / "ties")]) == 0
+    with pytest.warns(UserWarning, match="using act='gelu' as given"):
+        assert main(["merge", *flags, "--method", "ties", "--set", "keep=0.3", "--set",
+                     "scale=0.7", "--larv", "tiered", "--larv-set", "tiers=0.25,1.0,2.0",
+                     "--larv-set", "alpha=0.5", *quick, "--act", "gelu",
+                     "--out", str(tmp_path / "ties_flags")]) == 0
+    assert _merged_bytes(tmp_path / "ties") == _merged_bytes(tmp_path / "ties_flags")
+    for name in ("ties", "ties_flags"):  # the config's act is the flag's (the base: quick_gelu)
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        assert written["vision_config"]["hidden_act"] == "gelu"
+    got = json.loads((tmp_path / "ties" / "merge_report.json").read_text())
+    assert got["hparams"]["keep"] == 0.3 and got["hparams"]["scale"] == 0.7
+    # --dry-run reads the config and writes nothing
+    capsys.readouterr()
+    assert main(["merge", "--config", spec, "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    assert "iso_cts over K = 2" in capsys.readouterr().out and not (tmp_path / "dry").exists()
+
+
+def test_larv_merge_config_errors(zoo, tmp_path, capsys):
+    """A config larv merge cannot run is one line naming the file (status 1); a required flag
+    that neither the command line nor a config gives is a usage error (status 2)."""
+    root, _, _ = zoo
+    out = tmp_path / "out"
+    bad_syntax = tmp_path / "bad.py"
+    bad_syntax.write_text("def get_config(arg=None)\n    return None\n")
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config(arg=None):\n    return {}['base']\n")
+    cases = [
+        (["--config", f"configs/b32_ta8.py:quick,checkpoint_dir={root}"],
+         "2 merger(s) x 4 gate(s); larv merge takes one of each"),
+        (["--config", f"configs/b32_ta8.py:quik,checkpoint_dir={root}"],
+         "config arg 'quik' is not one of best, checkpoint_dir"),
+        (["--config", str(tmp_path / "nope.py")], f"{tmp_path / 'nope.py'}: no such config file"),
+        (["--config", str(bad_syntax)], f"{bad_syntax}: line 1: expected ':'"),
+        (["--config", str(raising)], f"{raising}: raising.py line 2: KeyError: 'base'"),
+        (["--config", "configs/b32_ta8.py:quick,best,checkpoint_dir=/nonexistent"],
+         "checkpoint 'openai/clip-vit-base-patch32' not found"),
+        (["--config", f"configs/b32_ta8_ablation.py:best,checkpoint_dir={root}"],
+         "the ablation grid has no single best cell"),
+    ]
+    for argv, message in cases:
+        assert main(["merge", *argv, "--out", str(out)]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert main(["merge", "--method", "ties", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "required: --base, --models (or --config FILE)" in err and err.count("\n") == 1
+    assert main(["merge", "--config", f"configs/b32_ta8.py:quick,best,checkpoint_dir={root}",
+                 "--set", "out_dir=x"]) == 1  # --set is the method's: iso_cts has no out_dir
+    assert "out_dir" in capsys.readouterr().err
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    from larv_jax.cli.common import common_context, emit_json, error_message
+    from larv_jax.cli.common import UsageError, common_context, emit_json, error_message
     from larv_jax.io import Terminated, sigterm_raises
 
     try:
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as e:
         status, error = e.code, "terminated"
         print(f"larv {args.command}: terminated", file=sys.stderr)
+    except UsageError as e:  # what argparse could not check: a flag a config did not give
+        status, error = 2, error_message(e)
+        print(f"larv {args.command}: error: {error}", file=sys.stderr)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, OSError) as e:
         # OSError: the operating system's word, on the path it concerns, in one line
         status, error = 1, error_message(e)

@@ -225,6 +225,11 @@ def report(args: argparse.Namespace) -> Report:
     return rep
 
 
+class UsageError(ValueError):
+    """A command line that cannot run as written (a required flag missing once a config has
+    been read): exit status 2, like argparse's own usage errors, with one line."""
+
+
 def error_message(e: BaseException) -> str:
     """The one line ``larv CMD: error: ...`` says for an exception ``main`` maps to status 1."""
     if isinstance(e, KeyError) and e.args:

@@ -3,6 +3,12 @@
 Streams the checkpoints leaf by leaf (larv_jax.merging.merge_delta), applies theta0 + D, and
 writes a Hugging Face directory (model.safetensors + config.json, the base's architecture) plus
 merge_report.json, atomically.
+
+``larv merge --config configs/b32_ta8.py:best,checkpoint_dir=DIR``: the same merge described by a
+``larv run`` config with one merger and one gate (base, models, the merger's method, options and
+SVC, the gate, the LARV granularity and diagnostics settings, out_dir). A flag given on the
+command line replaces the config's value; ``--set`` and ``--larv-set`` add to the config's method
+and gate options and win over them key by key.
 """
 
 from __future__ import annotations
@@ -18,19 +24,30 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("merge", help="merge fine-tuned checkpoints (optionally with LARV)",
                        description=__doc__)
-    p.add_argument("--base", required=True, type=Path,
-                   help="pretrained checkpoint theta0 (HF dir / .safetensors / OpenAI .pt)")
-    p.add_argument("--models", required=True, nargs="+", type=Path,
-                   help="fine-tuned checkpoints theta_1..theta_K (same keys and shapes)")
+    p.add_argument("--config", metavar="FILE[:ARG]", default=None,
+                   help="a larv run config with one merger and one gate, e.g. "
+                        "configs/b32_ta8.py:best,checkpoint_dir=/data; flags given here win "
+                        "over its values (default: none, the flags say everything)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="with --config: where its checkpoint ids live (default: the config's "
+                        "checkpoint_dir)")
+    p.add_argument("--base", type=Path,
+                   help="pretrained checkpoint theta0 (HF dir / .safetensors / OpenAI .pt); "
+                        "required without --config")
+    p.add_argument("--models", nargs="+", type=Path,
+                   help="fine-tuned checkpoints theta_1..theta_K (same keys and shapes); "
+                        "required without --config")
     from larv_jax.merging.registry import METHODS
 
-    p.add_argument("--method", required=True, choices=list(METHODS),
-                   help="base merger (SPEC §4); its defaults are FusionBench's")
+    p.add_argument("--method", choices=list(METHODS),
+                   help="base merger (SPEC §4); its defaults are FusionBench's; required "
+                        "without --config")
     p.add_argument("--scale", type=float, default=None,
                    help="the method's global coefficient (default: the method's own, e.g. TA "
                    "0.3, TIES 0.3, Iso-C by backbone; not for simple_average / dare_average)")
-    p.add_argument("--svc", action="store_true", help="apply singular value calibration (SPEC §5); "
-                   "default: off")
+    p.add_argument("--svc", action=argparse.BooleanOptionalAction, default=False,
+                   help="apply singular value calibration (SPEC §5); --no-svc turns off a "
+                        "config's (default: off)")
     p.add_argument("--svc-alpha", type=float, default=None,
                    help="SVC alpha (default: by method, 0.1; 0.2 Iso-CTS; 1.0 TSV-M)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -48,7 +65,105 @@ def add_parser(sub) -> None:
 
     add_act_argument(p)
     add_common_arguments(p)
-    add_output_arguments(p, required=True, help="output directory (HF format; required)")
+    add_output_arguments(p, help="output directory (HF format; required without --config, "
+                                 "whose out_dir is the default)")
+    # the flags a config can give: unset on the namespace unless typed, so that the config fills
+    # exactly the ones the command line left out (resolve_args)
+    for action in p._actions:
+        if action.dest in CONFIGURABLE:
+            _DEFAULTS[action.dest] = action.default
+            action.default = argparse.SUPPRESS
+
+
+CONFIGURABLE = ("base", "models", "method", "scale", "svc", "svc_alpha", "seed", "larv",
+                "larv_apply", "larv_granularity", "larv_mode", "larv_base_mode", "larv_seed",
+                "larv_k", "larv_p", "larv_q", "larv_svc_order", "act", "out")
+_DEFAULTS: dict[str, Any] = {}
+REQUIRED = {"base": "--base", "models": "--models", "method": "--method", "out": "--out"}
+# larv run config fields larv merge reads; the others describe evaluation or a grid's table
+CONFIG_FIELDS = {"base", "models", "checkpoint_dir", "mergers", "gates", "granularity",
+                 "diagnostics", "out_dir", "act"}
+CONFIG_IGNORED = {"name", "tasks", "eval", "eval_tasks", "save_params"}
+
+
+def resolve_args(args: argparse.Namespace) -> None:
+    """Fill ``args`` in place: the flags typed on the command line, then ``--config``'s values
+    for the others, then the flags' defaults. Sets ``args.config_options`` (the config merger's
+    method options) and ``args.config_gate_options`` (its gate's options), which ``--set`` and
+    ``--larv-set`` extend. Raises :class:`larv_jax.cli.common.UsageError` (exit 2) for a
+    required flag that neither gives."""
+    from larv_jax.cli.common import UsageError
+
+    if getattr(args, "_resolved", False):
+        return
+    args.config_options, args.config_gate_options = {}, {}
+    if getattr(args, "config", None):
+        for dest, value in _from_config(args).items():
+            if not hasattr(args, dest):
+                setattr(args, dest, value)
+    for dest in CONFIGURABLE:
+        if not hasattr(args, dest):
+            setattr(args, dest, _DEFAULTS.get(dest))
+    missing = [flag for dest, flag in REQUIRED.items() if getattr(args, dest) is None]
+    if missing:
+        where = (f"; {args.config.partition(':')[0]} gives none" if getattr(args, "config", None)
+                 else " (or --config FILE)")
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}{where}")
+    args._resolved = True
+
+
+def _from_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``--config FILE[:ARG]`` as flag values (``{dest: value}``); one merger and one gate."""
+    from larv_jax.cli.common import report
+    from larv_jax.cli.run import load_config, resolve_checkpoint
+
+    path = args.config.partition(":")[0]
+    c = load_config(args.config).to_dict()
+    report(args).input("config", path)
+    unknown = sorted(set(c) - CONFIG_FIELDS - CONFIG_IGNORED)
+    if unknown:
+        raise ValueError(f"{path}: field {unknown[0]!r} is not a larv run config field that "
+                         f"larv merge reads ({', '.join(sorted(CONFIG_FIELDS))})")
+    mergers, gates = list(c.get("mergers") or []), list(c.get("gates") or [{"gate": "none"}])
+    if len(mergers) != 1 or len(gates) != 1:
+        raise ValueError(
+            f"{args.config}: {len(mergers)} merger(s) x {len(gates)} gate(s); larv merge takes "
+            "one of each (larv run runs grids; configs/<model>_<suite>.py:best is one merge)")
+    (m,), (g,) = mergers, gates
+    if "method" not in m:
+        raise ValueError(f"{path}: mergers[0] names no method")
+    svc_options = dict(m.get("svc_options") or {})
+    extra = sorted(set(svc_options) - {"alpha"})
+    if extra:
+        raise ValueError(f"{path}: mergers[0].svc_options {extra[0]!r}: larv merge takes "
+                         "alpha only (larv run takes exclude and cluster_rtol too)")
+    ckpt_dir = args.checkpoint_dir or c.get("checkpoint_dir") or "."
+    out: dict[str, Any] = {"method": m["method"], "svc": bool(m.get("svc", False)),
+                           "svc_alpha": svc_options.get("alpha"),
+                           "larv": g.get("gate", "none"), "larv_apply": g.get("apply", "post")}
+    if m.get("svc_order") is not None:
+        out["larv_svc_order"] = m["svc_order"]
+    if "base" in c:
+        out["base"] = resolve_checkpoint(c["base"], ckpt_dir)
+    if c.get("models"):
+        out["models"] = [resolve_checkpoint(x, ckpt_dir) for x in c["models"]]
+    if c.get("granularity") is not None:
+        out["larv_granularity"] = c["granularity"]
+    names = {"mode": "larv_mode", "base_mode": "larv_base_mode", "seed": "larv_seed",
+             "k": "larv_k", "p": "larv_p", "q": "larv_q"}
+    diag = dict(c.get("diagnostics") or {})
+    unknown = sorted(set(diag) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: diagnostics.{unknown[0]} is not one of "
+                         f"{', '.join(sorted(names))}")
+    out.update({names[k]: v for k, v in diag.items()})
+    if c.get("out_dir"):
+        out["out"] = Path(c["out_dir"])
+    if c.get("act"):
+        out["act"] = c["act"]
+    args.config_options = dict(m.get("options") or {})
+    args.config_gate_options = dict(g.get("options") or {})
+    return out
 
 
 def _start_base_cache(base_path: Path, units, lk: dict, act: str):
@@ -113,14 +228,16 @@ def plan(args: argparse.Namespace) -> MergePlan:
     from larv_jax.larv import schedules
     from larv_jax.merging import engine, registry
 
+    resolve_args(args)
     check_out(args.out, [args.base, *args.models], overwrite=args.overwrite)
-    hparams = parse_key_values(args.set)
+    hparams = {**args.config_options, **parse_key_values(args.set)}
     if args.scale is not None:
         hparams["scale"] = args.scale
     if args.seed is not None:
         hparams["key"] = args.seed
     registry.hparams(args.method, hparams)  # a bad option is an error before any input is read
     lk = larv_kwargs(args)
+    lk["gate_options"] = {**args.config_gate_options, **lk["gate_options"]}
     larv_on = not schedules.is_identity(lk["gate"], **lk["gate_options"])
     needs_diag = False
     if larv_on:  # the diagnostics only then: a plain merge never imports jax
@@ -220,6 +337,8 @@ def execute(args: argparse.Namespace, p: MergePlan) -> int:
     t0 = time.perf_counter()
     scales = None
     report_["larv"] = None
+    if getattr(args, "config", None):
+        report_["config"] = args.config
     if larv_on:
         pre = _prefetched(prefetched)
         # the source's memory order, like the merged delta: theta0 + s * D needs no transposes

@@ -55,14 +55,33 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()):
         mod_spec = importlib.util.spec_from_file_location(f"larv_config_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"{path}: defines no get_config(arg)")
+        config = module.get_config(arg or None)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {_config_error(e)}") from e
+    except Exception as e:  # noqa: BLE001 -- a config is user code: its failure is one line
+        raise ValueError(f"{path}: {_config_error(e)}") from e
     finally:
         sys.path.pop(0)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: defines no get_config(arg)")
-    config = module.get_config(arg or None)
     for item in overrides:
         set_field(config, item)
     return config
+
+
+def _config_error(e: BaseException) -> str:
+    """A config file's exception in one line, with the line of the file it was raised at."""
+    import traceback
+
+    if isinstance(e, SyntaxError):
+        return f"line {e.lineno}: {e.msg}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(str(Path(__file__).parent))]
+    where = f"{Path(frames[-1].filename).name} line {frames[-1].lineno}: " if frames else ""
+    text = repr(e.args[0]) if isinstance(e, KeyError) and e.args else e
+    return f"{where}{type(e).__name__}: {text}"
 
 
 def set_field(config, item: str) -> None:
@@ -192,10 +211,11 @@ def run(args: argparse.Namespace) -> int:
     from larv_jax.merging import bind, bind_svc, task_vectors
 
     t0 = time.perf_counter()
-    base_ckpt = load_checkpoint(base_path, act=args.act)
+    act = args.act or config.get("act") or None  # the flag, else the config's optional act
+    base_ckpt = load_checkpoint(base_path, act=act)
     base_flat = base_ckpt.flat()
     # fine-tunes share the base's architecture: its activation, unless --act says otherwise
-    models = [load_checkpoint(m, act=args.act or base_ckpt.config.vision.act)
+    models = [load_checkpoint(m, act=act or base_ckpt.config.vision.act)
               for m in model_paths]
     tau = task_vectors(base_ckpt, models)  # one leaf of each model at a time
     print(f"  task vectors: {len(tau)} leaves x {len(model_paths)} models "
