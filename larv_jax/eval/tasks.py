@@ -123,6 +123,19 @@ def _zoo_names() -> tuple[str, ...]:
     return tuple(ZOO_TASKS)
 
 
+def zoo_eval_task(name: str) -> Task:
+    """The zoo task ``name`` as a :class:`Task` reading ``larv_zoo/<name>`` (test split) through
+    ``tfds.data_source`` (pass the zoo's ``data`` dir as ``data_dir``); named as in the zoo
+    (``colours``), where :func:`get_task` names it ``zoo/colours``. Here, not in
+    :mod:`larv_jax.zoo.tasks`, so that the zoo's task list never imports the evaluation."""
+    from larv_jax.zoo.tasks import TFDS_BUILDER_MODULE, TFDS_NAME, get_zoo_task
+
+    t = get_zoo_task(name)
+    return Task(name=t.name, source=f"{TFDS_NAME}/{t.name}", split="test",
+                classnames=t.classnames, templates=t.templates, builder=TFDS_BUILDER_MODULE,
+                manual="run `larv zoo build` to write the zoo's TFDS datasets")
+
+
 def get_task(name: str) -> Task:
     """The task called ``name``: one of :data:`TASKS` or ``zoo/<task>`` (a zoo task, named so in
     every result)."""
@@ -131,9 +144,7 @@ def get_task(name: str) -> Task:
         if short not in _zoo_names():
             raise ValueError(f"unknown zoo task {name!r}; valid: "
                              f"{[ZOO_PREFIX + n for n in _zoo_names()]}")
-        from larv_jax.zoo.tasks import eval_task
-
-        return dataclasses.replace(eval_task(short), name=name)
+        return dataclasses.replace(zoo_eval_task(short), name=name)
     try:
         return TASKS[name]
     except KeyError:

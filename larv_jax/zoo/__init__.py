@@ -40,7 +40,6 @@ from larv_jax.zoo.tasks import (
     TFDS_NAME,
     ZOO_TASKS,
     ZooTask,
-    eval_task,
     get_zoo_task,
 )
 
@@ -70,6 +69,14 @@ class Zoo(NamedTuple):
     def eval_tasks(self) -> list[Any]:
         """The zoo's tasks as :class:`larv_jax.eval.Task` (test splits of ``larv_zoo/<task>``)."""
         return [eval_task(t) for t in self.task_names]
+
+
+def eval_task(name: str) -> Any:
+    """The zoo task ``name`` as a :class:`larv_jax.eval.Task`
+    (:func:`larv_jax.eval.tasks.zoo_eval_task`; ``larv eval`` calls it ``zoo/<name>``)."""
+    from larv_jax.eval.tasks import zoo_eval_task
+
+    return zoo_eval_task(name)
 
 
 def open_zoo(root: str | Path) -> Zoo:

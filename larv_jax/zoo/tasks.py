@@ -89,14 +89,3 @@ def all_prompts() -> list[str]:
     """Every prompt of every task (for the tokenizer's vocabulary)."""
     return [t.format(c) for task in ZOO_TASKS.values() for c in task.classnames
             for t in task.templates]
-
-
-def eval_task(name: str):
-    """The zoo task as a :class:`larv_jax.eval.Task` reading ``larv_zoo/<name>`` (test split)
-    through ``tfds.data_source`` (pass the zoo's ``data`` dir as ``data_dir``)."""
-    from larv_jax.eval.tasks import Task
-
-    t = get_zoo_task(name)
-    return Task(name=t.name, source=f"{TFDS_NAME}/{t.name}", split="test",
-                classnames=t.classnames, templates=t.templates, builder=TFDS_BUILDER_MODULE,
-                manual="run `larv zoo build` to write the zoo's TFDS datasets")
