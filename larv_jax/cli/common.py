@@ -128,6 +128,18 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
+def run_planned(args: argparse.Namespace, command: str, plan: Any, execute: Any) -> int:
+    """A command that is ``plan`` then ``execute`` (merge, diagnose, eval): ``plan(args)`` makes
+    every check and returns an object with a printable ``summary``; ``--dry-run`` prints that
+    and stops (exit 0), the real run goes on to ``execute(args, the plan)``."""
+    p = plan(args)
+    if args.dry_run:
+        report(args).plan = p.summary
+        print_plan(command, p.summary)
+        return 0
+    return execute(args, p)
+
+
 def print_plan(command: str, plan: dict[str, Any]) -> None:
     """``--dry-run``'s human text: what would be read, computed and written, and the memory."""
     print(f"larv {command} --dry-run: every check passed; nothing written")

@@ -93,14 +93,9 @@ def plan(args: argparse.Namespace) -> DiagnosePlan:
 
 
 def run(args: argparse.Namespace) -> int:
-    from larv_jax.cli.common import print_plan, report
+    from larv_jax.cli.common import run_planned
 
-    p = plan(args)
-    if args.dry_run:
-        report(args).plan = p.summary
-        print_plan("diagnose", p.summary)
-        return 0
-    return execute(args, p)
+    return run_planned(args, "diagnose", plan, execute)
 
 
 def execute(args: argparse.Namespace, p: DiagnosePlan) -> int:

@@ -213,14 +213,9 @@ def plan(args: argparse.Namespace) -> EvalPlan:
 
 
 def run(args: argparse.Namespace) -> int:
-    from larv_jax.cli.common import print_plan, report
+    from larv_jax.cli.common import run_planned
 
-    p = plan(args)
-    if args.dry_run:
-        report(args).plan = p.summary
-        print_plan("eval", p.summary)
-        return 0
-    return execute(args, p)
+    return run_planned(args, "eval", plan, execute)
 
 
 def execute(args: argparse.Namespace, p: EvalPlan) -> int:

@@ -298,14 +298,9 @@ def _summary(args, prepared, shapes, units, *, larv_on: bool, needs_diag: bool) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from larv_jax.cli.common import print_plan, report
+    from larv_jax.cli.common import run_planned
 
-    p = plan(args)
-    if args.dry_run:
-        report(args).plan = p.summary
-        print_plan("merge", p.summary)
-        return 0
-    return execute(args, p)
+    return run_planned(args, "merge", plan, execute)
 
 
 def execute(args: argparse.Namespace, p: MergePlan) -> int:
