@@ -1,14 +1,17 @@
 """Where the diagnostics run: device placement and execution of one bucket's kernel.
 
 The bucket (matrix) axis is split over ``devices`` (default ``jax.local_devices()``). Two
-executions are available (``execution=``):
+executions are available (``execution=``), and ``"auto"`` (the default) picks one:
+``"spmd"`` when every device it would run on is an accelerator (GPU, TPU), ``"per_device"`` when
+any is a CPU (:func:`resolve_execution`).
 
-- ``"per_device"`` (default): the jitted, vmapped kernel is dispatched once per device on its
+- ``"per_device"`` (the CPU default): the jitted, vmapped kernel is dispatched once per device on its
   chunk (``jax.device_put(chunk, device)``); one trace per bucket shape (XLA compiles it once
   per device). Accelerators run concurrently (async dispatch); CPU devices, which share the host
   cores anyway, run one after another. No communication is needed.
 - ``"spmd"``: one ``jax.jit(jax.shard_map(...))`` over a 1-D ``Mesh(devices, ("b",))`` with inputs
-  placed by ``NamedSharding(mesh, P("b"))``. Same numbers; NOT the default because on this
+  placed by ``NamedSharding(mesh, P("b"))`` (the accelerator default: one program, one launch
+  per bucket, the devices run it together). Same numbers. NOT the CPU default because on this
   jaxlib (0.10.2, XLA:CPU, 2 fake devices on 2 cores) SPMD programs that mix LAPACK custom calls
   (Cholesky, eigvalsh, sytrd) intermittently hung (all threads idle, one device's execution never
   completing), both with shard_map and with jit + NamedSharding; concurrent per-device
@@ -17,7 +20,9 @@ executions are available (``execution=``):
 Multi-host: with ``per_device`` each process takes the contiguous slice ``process_index`` of
 every bucket, runs it on its local devices and the slices are exchanged with
 ``multihost_utils.process_allgather``; with ``spmd`` pass ``devices=jax.devices()`` (the global
-list) and the mesh spans all hosts.
+list) and the mesh spans all hosts. Both are exercised with two local CPU processes
+(``jax.distributed.initialize`` on a localhost coordinator, gloo collectives) in
+``tests/test_diagnostics_multihost.py``: bit-identical to one process with two devices.
 """
 
 from __future__ import annotations
@@ -30,7 +35,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-EXECUTIONS = ("per_device", "spmd")
+EXECUTIONS = ("auto", "per_device", "spmd")
+
+
+def resolve_execution(execution: str, devices: Sequence[jax.Device] | None = None) -> str:
+    """``"auto"`` -> ``"spmd"`` when every device the diagnostics would use (``devices``, else
+    ``jax.devices()``) is an accelerator, ``"per_device"`` when any is a CPU; the other names
+    are returned as they are (ValueError for an unknown one)."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"unknown execution {execution!r}; valid: {list(EXECUTIONS)}")
+    if execution != "auto":
+        return execution
+    devs = tuple(devices) if devices is not None else tuple(jax.devices())
+    return "per_device" if any(d.platform == "cpu" for d in devs) else "spmd"
 
 
 class _Placement(NamedTuple):
@@ -46,8 +63,7 @@ class _Placement(NamedTuple):
 
 
 def _placement(devices: Sequence[jax.Device] | None, execution: str) -> _Placement:
-    if execution not in EXECUTIONS:
-        raise ValueError(f"unknown execution {execution!r}; valid: {list(EXECUTIONS)}")
+    execution = resolve_execution(execution, devices)
     if execution == "spmd":
         devs = tuple(devices) if devices is not None else tuple(jax.devices())
         return _Placement(devs, execution, Mesh(np.array(devs), ("b",)))

@@ -191,7 +191,7 @@ def _check_args(mode: str, k: int, p: int, q: int) -> None:
 def base_cache(base_flat: Mapping[str, Any], unit_list: Sequence[Unit], *, mode: str = "exact",
                key: jax.Array | None = None, k: int = 64, p: int = 10, q: int = 2,
                devices: Sequence[jax.Device] | None = None,
-               execution: str = "per_device",
+               execution: str = "auto",
                store: str | os.PathLike | None = None) -> BaseCache:
     """Per-base quantities: r_eff(theta0) per matrix and the tall-view Grams ``A^T A``.
 
@@ -251,7 +251,7 @@ def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
              units: Sequence[Unit], key: jax.Array, mode: str = "randomized", k: int = 64,
              p: int = 10, q: int = 2, cache: BaseCache | None = None, eps: float = K.EPS,
              zero_rtol: float = 1e-7, devices: Sequence[jax.Device] | None = None,
-             execution: str = "per_device",
+             execution: str = "auto",
              callback: Callable[[int, int, Bucket], None] | None = None) -> Diagnostics:
     """LARV diagnostics (SPEC §2, Eqs. 5-7) of theta0 and the merged update D, per unit.
 
@@ -269,8 +269,9 @@ def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
       eps, zero_rtol: see :func:`larv_jax.diagnostics.kernels.contrast`.
       devices: devices the matrix axis is split over (default: ``jax.local_devices()``;
         ``jax.devices()`` for ``execution="spmd"``).
-      execution: ``"per_device"`` (default) or ``"spmd"`` (shard_map over a 1-D mesh); see the
-        module docstring.
+      execution: ``"auto"`` (default: ``"spmd"`` on accelerators, ``"per_device"`` where a
+        device is a CPU), ``"per_device"`` or ``"spmd"`` (shard_map over a 1-D mesh); see
+        :mod:`larv_jax.diagnostics.devices`.
       callback: called as ``callback(i, n_buckets, bucket)`` after each bucket (progress bars).
 
     Returns:
@@ -291,7 +292,7 @@ def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
                                  f"!= update shape {tuple(np.shape(delta_flat[ref.path]))}")
     place = _placement(devices, execution)
     if cache is None:
-        cache = base_cache(base_flat, units, devices=devices, execution=execution)
+        cache = base_cache(base_flat, units, devices=devices, execution=place.execution)
     elif cache.plan != plan:
         raise ValueError("BaseCache was computed for different units or parameter shapes")
     results = []
@@ -310,7 +311,7 @@ def diagnose(base_flat: Mapping[str, Any], delta_flat: Mapping[str, Any], *,
             ws.lock.release()
     return _assemble(units, plan, results, dict(
         mode=mode, base_mode=cache.mode, k=k, p=p, q=q, eps=eps, zero_rtol=zero_rtol,
-        devices=place.size, execution=execution,
+        devices=n_dev, execution=place.execution,
         buckets=[[len(b.members), *b.shape] for b in plan]))
 
 
